@@ -1,0 +1,227 @@
+"""Load and validate params.yaml: the one place that knows its shape.
+
+Called by the Snakefile at parse time and by every step at start. Imports no torch/transformers so that
+`snakemake -n` stays fast. Errors name the key and say what to do.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRECISIONS = ("fp16", "bf16", "int8", "nf4")
+STRATEGIES = ("single",)  # zero2/zero3 are planned (DeepSpeed issue); refusing them beats a silent fallback
+NAME_RE = r"^[A-Za-z0-9_]+$"  # model keys become wildcards and path parts: no '-', '/', spaces
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Matrix(_Strict):
+    model: list[str] = Field(min_length=1)
+    precision: list[Literal["fp16", "bf16", "int8", "nf4"]] = Field(min_length=1)
+    strategy: list[Literal["single"]] = Field(min_length=1)
+
+
+class ModelEntry(_Strict):
+    source: str
+    revision: str | None = None
+    template: str = "human_assistant"
+    trust_remote_code: bool = False
+    allow_unpinned: bool = False  # opt out of the pinned-revision rule for remote sources
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        from workflow.templates import TEMPLATES
+
+        if v not in TEMPLATES:
+            raise ValueError(f"unknown template '{v}'; choose one of {', '.join(sorted(TEMPLATES))}")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source_kind(cls, v: str) -> str:
+        if ":" in v and not v.startswith(("builtin:", "modelscope:", "hf:", "/", "./", "../")):
+            raise ValueError("must be builtin:<name>, modelscope:<id>, hf:<id> or a local directory path")
+        if v.startswith(("builtin:", "modelscope:", "hf:")) and not v.split(":", 1)[1]:
+            raise ValueError("names no model after the ':'")
+        return v
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "ModelEntry":
+        if self.source.startswith(("modelscope:", "hf:")) and not self.revision and not self.allow_unpinned:
+            raise ValueError(
+                "remote source needs a pinned `revision` (commit or tag); set allow_unpinned: true to opt out"
+            )
+        return self
+
+
+class BuiltinModel(_Strict):
+    hidden_size: int = Field(gt=0, multiple_of=64)
+    intermediate_size: int = Field(gt=0, multiple_of=64)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    vocab_size: int = Field(ge=512, multiple_of=64)
+    max_position_embeddings: int = Field(gt=0)
+    pretrain_steps: int = Field(ge=0)
+    pretrain_batch_size: int = Field(gt=0)
+    pretrain_lr: float = Field(gt=0)
+    pretrain_seq_len: int = Field(gt=8)
+    corpus_size: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "BuiltinModel":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class Download(_Strict):
+    cache_dir: str
+    offline: bool = False
+    timeout_s: float = Field(gt=0)
+
+
+class Data(_Strict):
+    source: str
+    builtin_rows: int = Field(gt=0)
+    eval_size: int = Field(gt=0)
+    max_length: int = Field(gt=8)
+
+
+class Lora(_Strict):
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: str | list[str]
+
+
+class Train(_Strict):
+    max_steps: int = Field(ge=-1)
+    num_train_epochs: float = Field(gt=0)
+    per_device_train_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler_type: str
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    gradient_checkpointing: bool
+    logging_steps: int = Field(gt=0)
+    max_grad_norm: float = Field(gt=0)
+    adam_epsilon: float | None = Field(default=None, gt=0)  # None: the precision's default
+    optim: str | None = None  # None: the precision's default optimizer
+
+
+class VariantOverride(_Strict):
+    """Per-precision overrides: the same keys as `train`, all optional."""
+
+    max_steps: int | None = Field(default=None, ge=-1)
+    num_train_epochs: float | None = Field(default=None, gt=0)
+    per_device_train_batch_size: int | None = Field(default=None, gt=0)
+    gradient_accumulation_steps: int | None = Field(default=None, gt=0)
+    learning_rate: float | None = Field(default=None, gt=0)
+    lr_scheduler_type: str | None = None
+    warmup_steps: int | None = Field(default=None, ge=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+    gradient_checkpointing: bool | None = None
+    logging_steps: int | None = Field(default=None, gt=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    adam_epsilon: float | None = Field(default=None, gt=0)
+    optim: str | None = None
+
+
+class Merge(_Strict):
+    max_shard_size: str
+    check_batches: int = Field(gt=0)
+
+
+class Evaluate(_Strict):
+    per_device_eval_batch_size: int = Field(gt=0)
+    max_eval_rows: int | None = Field(default=None, gt=0)
+
+
+class Params(_Strict):
+    matrix: Matrix
+    seed: int
+    models: dict[str, ModelEntry] = Field(min_length=1)
+    builtin: dict[str, BuiltinModel] = {}
+    download: Download
+    data: Data
+    lora: Lora
+    train: Train
+    variants: dict[Literal["fp16", "bf16", "int8", "nf4"], VariantOverride] = {}
+    merge: Merge
+    evaluate: Evaluate
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> "Params":
+        for name in self.models:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"models.{name}: model keys may use only letters, digits and '_'")
+        for name in self.matrix.model:
+            if name not in self.models:
+                raise ValueError(f"matrix.model: '{name}' is not a key of `models` ({', '.join(self.models)})")
+        for name, entry in self.models.items():
+            if entry.source.startswith("builtin:") and entry.source.split(":", 1)[1] not in self.builtin:
+                raise ValueError(f"models.{name}.source: no `builtin.{entry.source[8:]}` section defines it")
+        return self
+
+    def variant_train(self, precision: str) -> Train:
+        """`train` with the precision's overrides applied."""
+        override = self.variants.get(precision)
+        if override is None:
+            return self.train
+        return self.train.model_copy(update=override.model_dump(exclude_none=True))
+
+
+def variant_id(model: str, precision: str, strategy: str) -> str:
+    """The name of one variant everywhere: paths, DVC stage suffixes, metrics rows."""
+    return f"{model}-{precision}-{strategy}"
+
+
+def variants(params: Params) -> list[dict[str, str]]:
+    """Every variant of the matrix, in a stable order."""
+    m = params.matrix
+    return [
+        {"model": a, "precision": b, "strategy": c, "id": variant_id(a, b, c)}
+        for a in m.model
+        for b in m.precision
+        for c in m.strategy
+    ]
+
+
+def _location(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError with a one-line, key-naming message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections (matrix, models, train, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _location(first) or "(top level)"
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        extra = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ParamsError(f"{path}: {key}: {msg}{extra}") from exc
