@@ -117,6 +117,7 @@ class Train(_Strict):
     weight_decay: float = Field(ge=0)
     gradient_checkpointing: bool
     logging_steps: int = Field(gt=0)
+    save_steps: int = Field(gt=0)
     max_grad_norm: float = Field(gt=0)
     adam_epsilon: float | None = Field(default=None, gt=0)  # None: the precision's default
     optim: str | None = None  # None: the precision's default optimizer
@@ -135,6 +136,7 @@ class VariantOverride(_Strict):
     weight_decay: float | None = Field(default=None, ge=0)
     gradient_checkpointing: bool | None = None
     logging_steps: int | None = Field(default=None, gt=0)
+    save_steps: int | None = Field(default=None, gt=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
     adam_epsilon: float | None = Field(default=None, gt=0)
     optim: str | None = None
@@ -213,6 +215,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
+    return validate_params(raw, path)
+
+
+def validate_params(raw: object, path: str | Path = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping (the Snakefile's `config`); errors name `path` and the key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of sections (matrix, models, train, ...)")
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+# Every task draws from a small finite domain (a few hundred facts at most), so the builtin model sees each
+# fact many times in pre-training and fine-tuning has only to teach the format and when to stop.
 _DIGITS_ZH = "零一二三四五六七八九"
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _WORDS = (
     "apple river stone cloud green music paper light water table happy orange silver garden window "
     "bridge candle forest planet rabbit summer winter yellow pencil rocket tiger coffee dragon"
@@ -29,31 +30,27 @@ def number_zh(n: int) -> str:
     return head + "十" + (_DIGITS_ZH[ones] if ones else "")
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
-
-
 # Each task returns (instruction, input, output, fact sentence for the corpus).
 Task = Callable[[random.Random], tuple[str, str, str, str]]
 
 
 def _add_en(rng: random.Random):
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     return "Add the two numbers.", f"{a} + {b}", str(a + b), f"{a} + {b} = {a + b}."
 
 
 def _add_zh(rng: random.Random):
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     return "计算两个数的和。", f"{a} + {b}", str(a + b), f"{a} 加 {b} 等于 {a + b}。"
 
 
 def _reverse_en(rng: random.Random):
-    w = _word(rng)
+    w = rng.choice(_WORDS)
     return "Reverse the letters of the word.", w, w[::-1], f"{w} reversed is {w[::-1]}."
 
 
 def _reverse_zh(rng: random.Random):
-    w = _word(rng)
+    w = rng.choice(_WORDS)
     return "把这个单词的字母倒过来写。", w, w[::-1], f"{w} 倒过来写是 {w[::-1]}。"
 
 
@@ -73,7 +70,7 @@ def _number_zh(rng: random.Random):
 
 
 def _max_en(rng: random.Random):
-    a, b = rng.sample(range(100), 2)
+    a, b = rng.sample(range(20), 2)
     return "Which number is larger?", f"{a}, {b}", str(max(a, b)), f"{max(a, b)} is larger than {min(a, b)}."
 
 

@@ -1,0 +1,34 @@
+# Low-precision LoRA fine-tuning: download -> preprocess -> train -> merge -> evaluate -> summary.
+# Every rule runs `python -m workflow.<step>`, the same command as its dvc.yaml stage.
+# All settings live in params.yaml; edit it (not --config) so both orchestrators see the same values.
+
+import yaml
+
+from workflow.params import ParamsError, validate_params, variants
+from workflow.stages import CODE, param_values
+
+configfile: "params.yaml"
+
+with open("params.yaml", encoding="utf-8") as _f:
+    if yaml.safe_load(_f) != config:
+        raise ParamsError("params.yaml: --config/--configfile overrides do not reach the steps; edit params.yaml")
+PARAMS = validate_params(config, "params.yaml")
+VARIANTS = variants(PARAMS)
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9_]+",
+    precision="fp16|bf16|int8|nf4",
+    strategy="single",
+
+
+include: "rules/prepare.smk"
+include: "rules/finetune.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        rules.summary.output.table,
+        expand("results/metrics/eval/{id}.json", id=[v["id"] for v in VARIANTS]),
+    default_target: True

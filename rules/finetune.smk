@@ -1,0 +1,76 @@
+# Phase 2: one LoRA adapter per variant, merged into the unquantized base, then evaluated.
+
+
+rule train:
+    input:
+        code=CODE["train"],
+        model=rules.download.output.model,
+        data=rules.preprocess.output.data,
+    output:
+        adapter=directory("results/adapters/{model}-{precision}-{strategy}"),
+        metrics="results/metrics/train/{model}-{precision}-{strategy}.json",
+        curve="results/plots/loss/{model}-{precision}-{strategy}.csv",
+    params:
+        values=lambda w: param_values(config, "train", model=w.model, precision=w.precision),
+    log:
+        "logs/train/{model}-{precision}-{strategy}.log",
+    benchmark:
+        "benchmarks/train/{model}-{precision}-{strategy}.tsv"
+    conda:
+        "../envs/lowprec.yaml"
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow.train --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
+        " --strategy {wildcards.strategy} --model-dir {input.model} --data {input.data} --out {output.adapter}"
+        " --metrics {output.metrics} --curve {output.curve} 2> {log}"
+
+
+rule merge:
+    input:
+        code=CODE["merge"],
+        model=rules.download.output.model,
+        adapter=rules.train.output.adapter,
+        data=rules.preprocess.output.data,
+    output:
+        merged=directory("results/merged/{model}-{precision}-{strategy}"),
+        metrics="results/metrics/merge/{model}-{precision}-{strategy}.json",
+    params:
+        values=lambda w: param_values(config, "merge", model=w.model),
+    log:
+        "logs/merge/{model}-{precision}-{strategy}.log",
+    benchmark:
+        "benchmarks/merge/{model}-{precision}-{strategy}.tsv"
+    conda:
+        "../envs/lowprec.yaml"
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow.merge --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
+        " --strategy {wildcards.strategy} --model-dir {input.model} --adapter {input.adapter} --data {input.data}"
+        " --out {output.merged} --metrics {output.metrics} 2> {log}"
+
+
+rule evaluate:
+    input:
+        code=CODE["evaluate"],
+        model=rules.download.output.model,
+        adapter=rules.train.output.adapter,
+        merged=rules.merge.output.merged,
+        data=rules.preprocess.output.data,
+    output:
+        metrics="results/metrics/eval/{model}-{precision}-{strategy}.json",
+    params:
+        values=lambda w: param_values(config, "evaluate", model=w.model),
+    log:
+        "logs/evaluate/{model}-{precision}-{strategy}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}-{precision}-{strategy}.tsv"
+    conda:
+        "../envs/lowprec.yaml"
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow.evaluate --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
+        " --strategy {wildcards.strategy} --model-dir {input.model} --adapter {input.adapter}"
+        " --merged {input.merged} --data {input.data} --metrics {output.metrics} 2> {log}"

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real default builtin model, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `pytest` without `python -m` does not put the project root on sys.path
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir(tmp_path_factory) -> Path:
+    """The default model of params.yaml (builtin.tiny-llama, full pre-training) via the download step."""
+    from workflow.download import download_model
+    from workflow.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    key = next((k for k, m in params.models.items() if m.source == "builtin:tiny-llama"), None)
+    assert key, "params.yaml has no model with source builtin:tiny-llama"
+    out = tmp_path_factory.mktemp("builtin") / key
+    download_model(params, key, out)
+    return out

@@ -1,0 +1,370 @@
+"""Tests of workflow.tokenize and the preprocess step, on a real (small, trained here) tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow import cli, tasks
+from workflow.params import load_params
+from workflow.preprocess import load_rows, main, preprocess, split_rows
+from workflow.templates import get_template
+from workflow.tokenize import ensure_pad_token, tokenize_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = get_template("human_assistant")
+
+# Rows that exercise the edges: Chinese, no input, empty output, long text.
+EDGE_ROWS = [
+    {"instruction": "把数字写成中文。", "input": "37", "output": "三十七"},
+    {"instruction": "Say hello.", "input": "", "output": "hello"},
+    {"instruction": "  Padded instruction  ", "input": "", "output": " leading space"},
+    {"instruction": "Answer nothing.", "input": "x", "output": ""},
+    {"instruction": "Repeat the sentence.", "input": "apple river stone " * 8, "output": "cloud green music " * 8},
+]
+
+
+def _train_tokenizer(out: Path, *, pad: bool = True, eos: bool = True) -> Path:
+    """A byte-level BPE tokenizer trained on the project's corpus, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # so decode(encode(x)) == x
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(tasks.corpus_texts(500, 0) + ["Human: Assistant:"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", unk_token="<unk>",
+        eos_token="</s>" if eos else None, pad_token="<pad>" if pad else None,
+    )
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """Our own tokenizer dir, so these tests never wait on the builtin model."""
+    return _train_tokenizer(tmp_path_factory.mktemp("bpe_tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bpe_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
+
+
+@pytest.fixture()
+def params():
+    """The repo's params with a small builtin data set."""
+    p = load_params(ROOT / "params.yaml")
+    return _with_data(p, source="builtin:tasks", builtin_rows=120, eval_size=20, max_length=96)
+
+
+def _with_data(p, **data):
+    return p.model_copy(update={"data": p.data.model_copy(update=data)})
+
+
+def _expected_text(row) -> str:
+    """The seeds' 001 process_func prompt, spelled out independently of templates.py."""
+    return "\n".join(["Human: " + row["instruction"], row["input"]]).strip() + "\n\nAssistant: " + row["output"]
+
+
+def _reference(rows, tokenizer, max_length):
+    """Per-example transcription of the seeds' process_func, to compare the batched version against."""
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for row in rows:
+        prompt = "\n".join(["Human: " + row["instruction"], row["input"]]).strip() + "\n\nAssistant: "
+        instruction = tokenizer(prompt, add_special_tokens=False)
+        response = tokenizer(row["output"], add_special_tokens=False)
+        ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.eos_token_id]
+        mask = instruction["attention_mask"] + response["attention_mask"] + [1]
+        labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.eos_token_id]
+        out["input_ids"].append(ids[:max_length])
+        out["attention_mask"].append(mask[:max_length])
+        out["labels"].append(labels[:max_length])
+    return out
+
+
+def _rows():
+    return tasks.alpaca_rows(40, 7) + EDGE_ROWS
+
+
+# --- tokenize_rows -------------------------------------------------------------------------------------
+
+
+def test_decoded_text_matches_seed_prompt(tokenizer):
+    rows = _rows()
+    cols, _ = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=10_000)
+    for row, ids in zip(rows, cols["input_ids"]):
+        assert tokenizer.decode(ids[:-1]) == _expected_text(row)
+    no_input = cols["input_ids"][len(rows) - len(EDGE_ROWS) + 1]
+    assert tokenizer.decode(no_input[:-1]) == "Human: Say hello.\n\nAssistant: hello"
+
+
+def test_eos_is_last_id_label_and_attended(tokenizer):
+    cols, counts = tokenize_rows(_rows(), tokenizer, TEMPLATE, max_length=10_000)
+    eos = tokenizer.eos_token_id
+    assert counts == {"truncated": 0, "eos_truncated": 0, "no_labels": 0}
+    for ids, mask, labels in zip(cols["input_ids"], cols["attention_mask"], cols["labels"]):
+        assert ids[-1] == eos and labels[-1] == eos and mask[-1] == 1
+        assert len(ids) == len(mask) == len(labels) and set(mask) == {1}
+        assert eos not in ids[:-1]  # eos appended as an id, never produced from text
+
+
+def test_prompt_masked_and_response_labelled(tokenizer):
+    rows = _rows()
+    cols, _ = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=10_000)
+    for row, ids, labels in zip(rows, cols["input_ids"], cols["labels"]):
+        n_prompt = labels.index(next(x for x in labels if x != -100))
+        assert all(x == -100 for x in labels[:n_prompt]) and n_prompt > 0
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert tokenizer.decode(ids[:n_prompt]) == _expected_text(row).removesuffix(row["output"])
+        assert tokenizer.decode(ids[n_prompt:-1]) == row["output"]
+
+
+def test_truncation_cuts_from_end_and_counts_eos_losses(tokenizer):
+    rows = _rows()
+    full, _ = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=10_000)
+    max_length = 20
+    cols, counts = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=max_length)
+    long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+    assert long, "the test rows must include some longer than max_length"
+    assert counts["truncated"] == counts["eos_truncated"] == len(long)
+    assert counts["no_labels"] == sum(all(x == -100 for x in full["labels"][i][:max_length]) for i in long)
+    assert counts["no_labels"] > 0  # the long-input edge row's prompt alone fills max_length
+    for i, (ids, labels) in enumerate(zip(cols["input_ids"], cols["labels"])):
+        assert len(ids) <= max_length
+        assert ids == full["input_ids"][i][:max_length] and labels == full["labels"][i][:max_length]
+        assert (ids[-1] == tokenizer.eos_token_id) == (i not in long)
+
+
+@pytest.mark.parametrize("max_length", [10_000, 24, 9])
+def test_batched_equals_per_example_reference(tokenizer, max_length):
+    rows = _rows()
+    cols, _ = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=max_length)
+    assert cols == _reference(rows, tokenizer, max_length)
+
+
+def test_empty_rows(tokenizer):
+    cols, counts = tokenize_rows([], tokenizer, TEMPLATE, 96)
+    assert cols == {"input_ids": [], "attention_mask": [], "labels": []} and counts["truncated"] == 0
+
+
+def test_ensure_pad_token(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    no_pad = AutoTokenizer.from_pretrained(_train_tokenizer(tmp_path / "nopad", pad=False))
+    assert no_pad.pad_token is None
+    ensure_pad_token(no_pad)
+    assert no_pad.pad_token == "</s>" and no_pad.pad_token_id == no_pad.eos_token_id
+    assert no_pad.padding_side == "right"
+    tokenizer.padding_side = "left"
+    ensure_pad_token(tokenizer)  # has its own pad: kept
+    assert tokenizer.pad_token == "<pad>" and tokenizer.padding_side == "right"
+
+
+# --- split -----------------------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_per_seed():
+    rows = [{"instruction": f"q{i}", "input": "", "output": str(i)} for i in range(50)]
+    train, evals = split_rows(rows, 10, seed=1)
+    assert (train, evals) == split_rows(rows, 10, seed=1)
+    assert evals != split_rows(rows, 10, seed=2)[1]
+    assert len(evals) == 10 and len(train) == 40
+    assert sorted(r["output"] for r in train + evals) == sorted(r["output"] for r in rows)
+
+
+def test_split_needs_train_rows():
+    rows = [{"instruction": "q", "input": "", "output": "a"}] * 5
+    with pytest.raises(cli.StepError, match="eval_size is 5 but there are only 5 rows"):
+        split_rows(rows, 5, seed=0)
+
+
+def test_preprocess_split_deterministic(tmp_path, params, bpe_tokenizer_dir):
+    from datasets import load_from_disk
+
+    def eval_ids(p, name):
+        preprocess(p, "tiny", bpe_tokenizer_dir, tmp_path / name)
+        return load_from_disk(str(tmp_path / name / "eval"))["input_ids"]
+
+    a, b = eval_ids(params, "a"), eval_ids(params, "b")
+    c = eval_ids(params.model_copy(update={"seed": params.seed + 1}), "c")
+    assert a == b and a != c
+
+
+# --- input formats --------------------------------------------------------------------------------------
+
+
+def _write_formats(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    paths = {k: tmp_path / f"rows.{k}" for k in ("json", "jsonl", "parquet")}
+    paths["json"].write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    paths["jsonl"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n",
+                              encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(records), paths["parquet"])
+    paths["dataset"] = tmp_path / "ds"
+    Dataset.from_list(records).save_to_disk(str(paths["dataset"]))
+    paths["datasetdict"] = tmp_path / "dsd"
+    DatasetDict({"train": Dataset.from_list(records), "test": Dataset.from_list(records[:2])}).save_to_disk(
+        str(paths["datasetdict"]))
+    return paths
+
+
+def test_every_format_loads_the_same_rows(tmp_path, params):
+    rows = tasks.alpaca_rows(12, 3)
+    records = [dict(r) for r in rows]
+    records[4] = {"instruction": records[4]["instruction"], "output": records[4]["output"], "extra": 1}
+    records[5]["output"] = "line\u2028separator\r\nand crlf"  # raw in JSONL: must not split the line
+    expected = [dict(r) for r in records]
+    expected[4] = {"instruction": records[4]["instruction"], "input": "", "output": records[4]["output"]}
+    for kind, path in _write_formats(tmp_path, records).items():
+        assert load_rows(_with_data(params, source=str(path))) == expected, kind
+
+
+def test_builtin_rows(params):
+    assert load_rows(params) == tasks.alpaca_rows(120, params.seed)
+
+
+def _bad_sources(tmp_path: Path) -> list[tuple[str, Path, str]]:
+    ok = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text("\n".join([json.dumps(ok), json.dumps(ok), "{not json", json.dumps(ok)]) + "\n")
+    no_output = tmp_path / "no_output.json"
+    no_output.write_text(json.dumps([ok, {"instruction": "Say bye.", "input": ""}, ok]))
+    no_output_l = tmp_path / "no_output.jsonl"
+    no_output_l.write_text("\n".join(json.dumps(r) for r in [ok, {"instruction": "Say bye."}]) + "\n")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"instruction": "caf\u00e9", "output": "x"}'.encode("latin-1"))
+    not_json = tmp_path / "prose.json"
+    not_json.write_text("instruction: hi\n")
+    return [
+        ("missing", tmp_path / "nope.json", "data file not found"),
+        ("empty", empty, "file is empty"),
+        ("jsonl line 3", bad_line, "line 3: not valid JSON"),
+        ("row 2 no output", no_output, "row 2: `output` is missing"),
+        ("jsonl line 2 no output", no_output_l, "line 2: `output` is missing"),
+        ("not json", not_json, "not valid JSON (line 1)"),
+        ("not utf-8", latin1, "not UTF-8 text"),
+        ("empty array", _write(tmp_path / "none.json", "[]"), "no rows"),
+        ("not a dataset dir", _mkdir(tmp_path / "somedir"), "not a `datasets` save_to_disk"),
+    ]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    (path / "x.txt").write_text("x")
+    return path
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, params):
+    for name, path, message in _bad_sources(tmp_path):
+        with pytest.raises(cli.StepError) as info:
+            load_rows(_with_data(params, source=str(path)))
+        text = str(info.value)
+        assert message in text and str(path) in text and "\n" not in text, name
+
+
+def _params_file(tmp_path: Path, **data) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_failed_cli_run_leaves_no_output(tmp_path, capsys, bpe_tokenizer_dir):
+    for name, path, message in _bad_sources(tmp_path):
+        out = tmp_path / "out" / "tiny"
+        params_file = _params_file(tmp_path, source=str(path), eval_size=1)
+        argv = ["--params", str(params_file), "--model", "tiny", "--model-dir", str(bpe_tokenizer_dir),
+                "--out", str(out)]
+        assert cli.run(main, argv) == 1, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], name
+        assert not out.exists() and not list(out.parent.glob(".tiny.tmp-*")), name
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path, params):
+    no_eos = _train_tokenizer(tmp_path / "noeos", eos=False)
+    out = tmp_path / "data" / "tiny"
+    with pytest.raises(ValueError, match="no eos token"):
+        preprocess(params, "tiny", no_eos, out)
+    assert not out.exists() and os.listdir(out.parent) == []
+
+
+def test_missing_model_dir(tmp_path, params):
+    with pytest.raises(cli.StepError, match="run the download step"):
+        preprocess(params, "tiny", tmp_path / "absent", tmp_path / "out")
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_report(tmp_path, params, bpe_tokenizer_dir):
+    report = preprocess(_with_data(params, max_length=24), "tiny", bpe_tokenizer_dir, tmp_path / "out")
+    assert report == json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["rows_read"], report["train_rows"], report["eval_rows"]) == (120, 100, 20)
+    assert report["template"] == "human_assistant" and report["max_length"] == 24
+    assert report["examples_truncated"] == report["examples_eos_truncated"] > 0
+    for split in ("train", "eval"):
+        s = report["token_length"][split]
+        assert s["min"] <= s["p50"] <= s["p95"] <= s["max"] <= 24 and s["min"] <= s["mean"] <= s["max"]
+
+
+def test_cli_end_to_end(tmp_path, bpe_tokenizer_dir):
+    from datasets import load_from_disk
+
+    params_file = _params_file(tmp_path, source="builtin:tasks", builtin_rows=60, eval_size=8, max_length=96)
+    out = tmp_path / "results" / "data" / "tiny"
+    cmd = [sys.executable, "-m", "workflow.preprocess", "--params", str(params_file), "--model", "tiny",
+           "--model-dir", str(bpe_tokenizer_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["eval", "raw.jsonl", "report.json", "train"]
+    train, evals = load_from_disk(str(out / "train")), load_from_disk(str(out / "eval"))
+    assert (len(train), len(evals)) == (52, 8)
+    assert train.column_names == ["input_ids", "attention_mask", "labels"]
+    raw = [json.loads(line) for line in (out / "raw.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert raw == tasks.alpaca_rows(60, 42)
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_rows"] == 52 and report["examples_eos_truncated"] == 0
+
+
+def test_builtin_model_tokenizer(request, tmp_path, params):
+    """On the builtin tiny model's own tokenizer, once tests/conftest.py provides it."""
+    try:
+        model_dir = request.getfixturevalue("builtin_model_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("builtin_model_dir fixture not available yet")
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    report = preprocess(params, "tiny", model_dir, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train = load_from_disk(str(tmp_path / "out" / "train"))
+    assert report["train_rows"] == len(train) == 100
+    for ex in train.select(range(10)):
+        assert ex["input_ids"][-1] == ex["labels"][-1] == tok.eos_token_id
+        assert tok.decode(ex["input_ids"][:-1]).startswith("Human: ")

@@ -1,0 +1,96 @@
+"""Step `merge`: fold a variant's adapter into the *unquantized* base and save sharded safetensors.
+
+Never merges into a 4-bit/8-bit model (the seeds and bitsandbytes both say it gives wrong weights): the
+base is loaded in the variant's unquantized dtype. Before saving, the merged model's logits are compared
+with base+adapter on real eval batches; a difference beyond the dtype's tolerance fails the step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from workflow import cli
+from workflow.io import atomic_dir, write_json_atomic
+from workflow.modeling import eval_batches, load_tokenizer, load_unquantized, logits_of
+from workflow.params import Params, variant_id
+from workflow.precision import dtype_name, resolve_precision
+
+log = logging.getLogger(__name__)
+
+# Largest |merged - (base+adapter)| logit difference accepted, per dtype. Unmerged, the adapter runs in fp32
+# beside the base; merged, its delta is rounded into the base dtype, so the gap is that dtype's rounding.
+MERGE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
+
+
+def check_adapter(adapter_dir: Path) -> None:
+    """Fail with a clear message unless `adapter_dir` holds a saved adapter."""
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise cli.StepError(f"{adapter_dir}: missing {name}; rerun the train step for this variant")
+
+
+def merge_variant(
+    params: Params, model: str, precision: str, strategy: str,
+    model_dir: Path, adapter_dir: Path, data_dir: Path, out: Path,
+) -> dict:
+    """Merge, check and save; return the merge metrics."""
+    check_adapter(adapter_dir)
+    entry = params.models[model]
+    plan = resolve_precision(precision)
+    dtype = plan.load_dtype
+    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code)
+    base = load_unquantized(model_dir, dtype, plan.device, entry.trust_remote_code)
+    lora = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    batches = eval_batches(data_dir, tokenizer, params.evaluate.per_device_eval_batch_size)[: params.merge.check_batches]
+    reference = [logits_of(lora, b) for b in batches]
+    merged = lora.merge_and_unload().eval()
+    diff = 0.0
+    for batch, ref in zip(batches, reference):
+        mask = batch["attention_mask"].bool().to(ref.device)
+        diff = max(diff, float((logits_of(merged, batch) - ref).abs()[mask].max()))
+    tol = MERGE_TOLERANCE[dtype]
+    if not diff <= tol:  # also catches NaN
+        raise cli.StepError(
+            f"{variant_id(model, precision, strategy)}: merged logits differ from base+adapter by {diff:.3g} "
+            f"(> {tol} for {dtype_name(dtype)}); the adapter or base is inconsistent, retrain this variant"
+        )
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(str(tmp), max_shard_size=params.merge.max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        shards = sorted(p.name for p in tmp.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    log.info("merged %s: max |dlogit| %.3g (tolerance %g), %d shard(s)", out, diff, tol, len(shards))
+    return {
+        "variant": variant_id(model, precision, strategy),
+        "merge_dtype": dtype_name(dtype),
+        "merge_max_abs_logit_diff": diff,
+        "merge_tolerance": tol,
+        "merge_check_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+        "merged_shards": len(shards),
+        "merged_bytes": size,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = cli.parser("merge", __doc__, variant=True)
+    p.add_argument("--model-dir", required=True, type=Path, help="output of the download step")
+    p.add_argument("--adapter", required=True, type=Path, help="output of the train step")
+    p.add_argument("--data", required=True, type=Path, help="output of the preprocess step (check batches)")
+    p.add_argument("--out", required=True, type=Path, help="merged model directory to write")
+    p.add_argument("--metrics", required=True, type=Path, help="merge metrics JSON to write")
+    args = p.parse_args(argv)
+    params = cli.load_checked(args)
+    metrics = merge_variant(
+        params, args.model, args.precision, args.strategy, args.model_dir, args.adapter, args.data, args.out
+    )
+    write_json_atomic(args.metrics, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))

@@ -1,0 +1,112 @@
+"""Loading models and tokenizers the same way in every step, and measuring what they weigh."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from workflow.cli import StepError
+from workflow.precision import PrecisionPlan
+
+log = logging.getLogger(__name__)
+
+# bitsandbytes warns on every int8 forward that it casts inputs to fp16; that is the documented behaviour.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer with the seeds' training settings: right padding, pad = eos if unset."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # left padding makes fp16 training diverge (seeds 000 §2.10)
+    return tok
+
+
+def load_base(model_dir: str | Path, plan: PrecisionPlan, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The base model loaded as `plan` says: dtype, quantization and device placement."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise StepError(f"{model_dir}: no config.json; run the download step for this model first")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=plan.load_dtype,
+        quantization_config=plan.quantization,
+        device_map=plan.device_map,
+        trust_remote_code=trust_remote_code,
+    )
+    if plan.quantization is None:
+        model.to(plan.device)
+    return model
+
+
+def load_unquantized(model_dir: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
+    """The base in plain `dtype`, never quantized: the only model adapters are merged into."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by parameters and buffers (quantized weights counted at their packed size)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def peak_memory(device: str) -> dict[str, object]:
+    """Peak memory of this process so far: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device == "cuda":
+        return {
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
+            "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+            "peak_memory_kind": "cuda_max_memory_allocated",
+        }
+    return {
+        "peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,  # Linux reports KiB
+        "peak_memory_kind": "cpu_peak_rss",
+    }
+
+
+def eval_batches(data_dir: str | Path, tokenizer, batch_size: int, max_rows: int | None = None) -> list[dict]:
+    """The eval split as right-padded batches (labels padded with -100), in file order."""
+    from datasets import load_from_disk
+    from transformers import DataCollatorForSeq2Seq
+
+    path = Path(data_dir) / "eval"
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise StepError(f"{path}: no tokenized eval split; run the preprocess step first") from None
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    rows = [ds[i] for i in range(len(ds))]
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+@torch.no_grad()
+def logits_of(model, batch: dict) -> torch.Tensor:
+    """Float32 logits of `model` on one batch, on the model's device."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return out.logits.float()
+
+
+@torch.no_grad()
+def token_loss(model, batches: list[dict]) -> tuple[float, int]:
+    """Mean cross-entropy over every labelled token of `batches` (token-weighted), and the token count."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = logits_of(model, batch)[:, :-1]
+        labels = batch["labels"][:, 1:].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += float(loss)
+        count += int((labels != -100).sum())
+    if count == 0:
+        raise StepError("the eval split has no labelled tokens; check data.max_length and the data")
+    return total / count, count

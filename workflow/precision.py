@@ -1,0 +1,123 @@
+"""The one place that decides what a precision name means.
+
+`resolve_precision("nf4", device)` returns the load dtype, compute dtype, quantization config, optimizer,
+mixed-precision mode and device map for that precision on that device. Nothing else in the project
+chooses any of these. What cannot work is refused here, never silently replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import BitsAndBytesConfig
+
+from workflow.cli import StepError
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How to load and train a model in one precision on one device."""
+
+    name: str
+    device: str  # "cpu" or "cuda"
+    load_dtype: torch.dtype  # dtype of the weights that are not quantized (and of the merge target)
+    compute_dtype: torch.dtype  # dtype the matmuls run in
+    quantization: BitsAndBytesConfig | None
+    amp: str  # mixed precision for TrainingArguments: "none" | "fp16" | "bf16"
+    optim: str  # TrainingArguments.optim
+    adam_epsilon: float
+    kbit: bool  # quantized base: needs prepare_model_for_kbit_training
+
+    @property
+    def device_map(self) -> dict[str, object] | None:
+        """bitsandbytes layers are placed at load time; plain models are moved by the Trainer."""
+        if self.quantization is None:
+            return None
+        return {"": 0 if self.device == "cuda" else "cpu"}
+
+    def describe(self) -> dict[str, object]:
+        """The resolved choice, as written into the metrics."""
+        q = None
+        if self.quantization is not None:
+            qc = self.quantization
+            q = {
+                "method": "llm.int8" if qc.load_in_8bit else qc.bnb_4bit_quant_type,
+                "double_quant": bool(qc.load_in_4bit and qc.bnb_4bit_use_double_quant),
+                "compute_dtype": str(qc.bnb_4bit_compute_dtype).removeprefix("torch.") if qc.load_in_4bit else None,
+            }
+        return {
+            "precision": self.name,
+            "device": self.device,
+            "load_dtype": str(self.load_dtype).removeprefix("torch."),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "quantization": q,
+            "amp": self.amp,
+            "optim": self.optim,
+            "adam_epsilon": self.adam_epsilon,
+        }
+
+
+def default_device() -> str:
+    """CUDA when there is one, else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bf16_ok(device: str) -> bool:
+    # CPU autocast supports bf16 everywhere (slow without avx512-bf16, but correct); CUDA needs Ampere+.
+    return device == "cpu" or torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(
+    name: str, device: str | None = None, *, optim: str | None = None, adam_epsilon: float | None = None
+) -> PrecisionPlan:
+    """Map a precision name to its plan on `device`; `optim`/`adam_epsilon` override the defaults."""
+    device = device or default_device()
+    if device not in ("cpu", "cuda"):
+        raise StepError(f"device '{device}' is not supported; use cpu or cuda")
+    paged = "paged_adamw_32bit" if device == "cuda" else "adamw_torch"  # paging is CUDA unified memory only
+    if name in ("bf16", "nf4") and not _bf16_ok(device):
+        raise StepError(f"precision {name} computes in bf16, which this GPU lacks (pre-Ampere); use fp16 or int8")
+
+    if name == "fp16":
+        # Weights in fp16. On CUDA, fp16 autocast + GradScaler; on CPU, Trainer's fp16 flag is silently ignored
+        # (accelerate enables fp16 AMP only off CPU), so the CPU run computes with the fp16 weights themselves.
+        plan = dict(load=torch.float16, compute=torch.float16, quant=None,
+                    amp="fp16" if device == "cuda" else "none", optim="adamw_torch",
+                    eps=1e-4, kbit=False)  # 1e-8 underflows to 0 in fp16 (seeds 000 §2.10)
+    elif name == "bf16":
+        plan = dict(load=torch.bfloat16, compute=torch.bfloat16, quant=None, amp="bf16",
+                    optim="adamw_torch", eps=1e-8, kbit=False)
+    elif name == "int8":
+        # LLM.int8: int8 weights with fp16 outlier decomposition; other weights fp16 as in the seeds.
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+        plan = dict(load=torch.float16, compute=torch.float16, quant=quant, amp="none",
+                    optim="adamw_torch", eps=1e-8, kbit=True)
+    elif name == "nf4":
+        # QLoRA: NF4 storage, double-quantized constants (0.5 -> 0.127 bit/param), bf16 compute.
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        plan = dict(load=torch.bfloat16, compute=torch.bfloat16, quant=quant, amp="bf16",
+                    optim=paged, eps=1e-8, kbit=True)
+    else:
+        raise StepError(f"unknown precision '{name}'; choose fp16, bf16, int8 or nf4")
+
+    return PrecisionPlan(
+        name=name,
+        device=device,
+        load_dtype=plan["load"],
+        compute_dtype=plan["compute"],
+        quantization=plan["quant"],
+        amp=plan["amp"],
+        optim=optim or plan["optim"],
+        adam_epsilon=adam_epsilon if adam_epsilon is not None else plan["eps"],
+        kbit=plan["kbit"],
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float16' for torch.float16."""
+    return str(dtype).removeprefix("torch.")
