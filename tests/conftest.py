@@ -23,3 +23,29 @@ def builtin_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("builtin") / key
     download_model(params, key, out)
     return out
+
+
+def params_with(tmp_path: Path, **sections) -> Path:
+    """A copy of the default params.yaml with some sections' keys replaced; returns its path."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(builtin_model_dir, tmp_path_factory) -> Path:
+    """The default data, preprocessed for the default model."""
+    from workflow.params import load_params
+    from workflow.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    preprocess(load_params(ROOT / "params.yaml"), "tiny", builtin_model_dir, out)
+    return out

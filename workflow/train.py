@@ -36,6 +36,7 @@ _GC_KWARGS = {"use_reentrant": False}  # explicit, as torch requires; no input-g
 class TrainResult:
     metrics: dict
     loss_curve: list[dict]
+    model: object  # the trained PeftModel, for callers that inspect it (tests)
 
 
 class CountingCollator:
@@ -87,7 +88,7 @@ def build_lora_model(base, params: Params, plan, gradient_checkpointing: bool):
             base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=_GC_KWARGS
         )
     elif gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_GC_KWARGS)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=_GC_KWARGS)
     base.config.use_cache = False  # the KV cache conflicts with gradient checkpointing
     lora = LoraConfig(
         task_type="CAUSAL_LM",
@@ -183,7 +184,7 @@ def train_variant(
         "resumed_from": Path(resume).name if resume else None,
         **peak_memory(plan.device),
     }
-    return TrainResult(metrics=metrics, loss_curve=curve)
+    return TrainResult(metrics=metrics, loss_curve=curve, model=lora_model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,118 @@
+"""Merge folds the adapter exactly into the unquantized base; evaluate measures base, adapter and merged."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import params_with
+from workflow import train as train_step
+from workflow.cli import StepError
+from workflow.evaluate import evaluate_variant
+from workflow.merge import merge_variant
+from workflow.modeling import eval_batches, load_tokenizer, logits_of
+from workflow.params import load_params
+
+
+@pytest.fixture(scope="module")
+def trained(builtin_model_dir, tiny_data_dir, tmp_path_factory):
+    """nf4 and bf16 adapters trained for a few steps, with their params."""
+    tmp = tmp_path_factory.mktemp("merge")
+    train_step.CHECKPOINT_ROOT, saved = tmp / "checkpoints", train_step.CHECKPOINT_ROOT
+    try:
+        params = load_params(params_with(tmp, train={"max_steps": 30, "save_steps": 1000}))
+        adapters = {}
+        for precision in ("bf16", "nf4"):
+            adapters[precision] = tmp / f"adapter-{precision}"
+            train_step.train_variant(params, "tiny", precision, "single", builtin_model_dir, tiny_data_dir,
+                                     adapters[precision])
+    finally:
+        train_step.CHECKPOINT_ROOT = saved
+    return params, adapters, tmp
+
+
+def manual_merge(model_dir, adapter_dir):
+    """base fp32 + (alpha/r) * B @ A for every adapted Linear, computed here without peft's merge."""
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    modules = dict(base.named_modules())
+    merged = 0
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        modules[name].weight.data += scale * (b.float() @ a.float())
+        merged += 1
+    assert merged == 14  # q,k,v,o,gate,up,down in both layers: all-linear, no lm_head
+    return base
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_merged_logits_equal_base_plus_adapter(precision, trained, builtin_model_dir, tiny_data_dir):
+    params, adapters, tmp = trained
+    out = tmp / f"merged-{precision}"
+    metrics = merge_variant(params, "tiny", precision, "single", builtin_model_dir, adapters[precision],
+                            tiny_data_dir, out)
+    assert metrics["merge_max_abs_logit_diff"] <= metrics["merge_tolerance"]
+    assert metrics["merge_dtype"] == "bfloat16"  # nf4 merges into the unquantized bf16 base, never 4-bit
+    assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
+
+    tokenizer = load_tokenizer(builtin_model_dir)
+    batch = eval_batches(tiny_data_dir, tokenizer, 16)[0]
+    expected = logits_of(manual_merge(builtin_model_dir, adapters[precision]), batch)
+    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert not any("lora" in k for k in saved.state_dict())
+    mask = batch["attention_mask"].bool()
+    gap = (logits_of(saved, batch) - expected).abs()[mask].max()
+    assert gap < 0.03 * expected.abs()[mask].max()  # bf16 rounding of the saved weights, nothing more
+
+    # In fp32 peft's merge and the manual one agree to float error.
+    base = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32)
+    peft_merged = PeftModel.from_pretrained(base, str(adapters[precision])).merge_and_unload()
+    assert (logits_of(peft_merged, batch) - expected).abs().max() < 1e-4
+
+
+def test_merge_refuses_missing_adapter(trained, builtin_model_dir, tiny_data_dir, tmp_path):
+    params, _, _ = trained
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StepError, match="missing adapter_config.json; rerun the train step"):
+        merge_variant(params, "tiny", "bf16", "single", builtin_model_dir, empty, tiny_data_dir, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_check_catches_a_wrong_adapter(trained, builtin_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """If merging changed the function (here: the merge doubles the delta), the step fails and saves nothing."""
+    params, adapters, _ = trained
+    from peft.tuners.tuners_utils import BaseTuner
+
+    original = BaseTuner.merge_and_unload
+
+    def doubled(self, *args, **kwargs):
+        for name, module in self.named_modules():
+            if isinstance(getattr(module, "scaling", None), dict):  # LoRA layers (attention has a float)
+                module.scaling = {k: 2 * v for k, v in module.scaling.items()}
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", doubled)
+    with pytest.raises(StepError, match="merged logits differ from base\\+adapter"):
+        merge_variant(params, "tiny", "bf16", "single", builtin_model_dir, adapters["bf16"], tiny_data_dir,
+                      tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_reports_base_adapter_merged(trained, builtin_model_dir, tiny_data_dir):
+    params, adapters, tmp = trained
+    merged = tmp / "merged-eval"
+    merge_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], tiny_data_dir, merged)
+    m = evaluate_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], merged, tiny_data_dir)
+    assert m["eval_rows"] == params.data.eval_size and m["eval_tokens"] > m["eval_rows"]
+    assert m["eval_loss_adapter"] < 0.5 * m["eval_loss_base"]  # fine-tuning taught the format and the stop
+    assert abs(m["eval_loss_merged"] - m["eval_loss_adapter"]) < 0.1  # QLoRA merge gap is small
+    assert m["perplexity_merged"] == pytest.approx(torch.tensor(m["eval_loss_merged"]).exp().item())
