@@ -1,0 +1,231 @@
+"""Both orchestrators, one DAG: lint, agreement, and real end-to-end runs of a small config.
+
+The end-to-end tests copy the project into a temporary git repository with a smaller params.yaml
+(shorter pre-training and training) and run `snakemake` in one copy and `dvc repro` in another.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow.stages import CODE, param_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+       "HF_HUB_OFFLINE": "1", "LOWPREC_LOG_LEVEL": "WARNING"}
+PRECISIONS = ("fp16", "bf16", "int8", "nf4")
+SMALL = {  # the default experiment, shortened: every step and precision still runs for real
+    "builtin": {"pretrain_steps": 80, "corpus_size": 3000},
+    "data": {"builtin_rows": 480, "eval_size": 32},
+    "train": {"max_steps": 30, "logging_steps": 5, "save_steps": 15},
+    "evaluate": {"max_eval_rows": 32},
+}
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def edit_params(repo: Path, **sections) -> None:
+    path = repo / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        node = raw[section]
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                node[key].update(value)
+            else:
+                node[key] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def make_project(dest: Path) -> Path:
+    """A git + DVC copy of the tracked project files with the SMALL params committed."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files += [p for p in subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT,
+                                         capture_output=True, text=True, check=True).stdout.split()]
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    edit_params(dest, **{k: {"tiny-llama": v} if k == "builtin" else v for k, v in SMALL.items()})
+    sh(["git", "init", "-q"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "commit", "-qm", "project"], dest)
+    return dest
+
+
+def dry_jobs(repo: Path) -> list[str]:
+    """Rule names Snakemake would run now (empty when everything is up to date)."""
+    out = sh(["snakemake", "-n", "--cores", "1", "--quiet", "rules"], repo).stdout
+    if "Nothing to be done" in out or not out.strip():
+        return []
+    rows = re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)
+    return sorted(rule for rule, n in rows for _ in range(int(n)) if rule not in ("total", "all"))
+
+
+# --- static checks ------------------------------------------------------------------------------------------
+
+
+def test_snakemake_lint_and_dry_run_are_fast():
+    lint = sh(["snakemake", "--lint"], ROOT)
+    assert "Congratulations" in lint.stdout + lint.stderr
+    dry = sh(["snakemake", "-n", "--forceall", "--cores", "1", "--quiet", "rules"], ROOT).stdout
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", dry, flags=re.M))
+    assert counts["train"] == counts["merge"] == counts["evaluate"] == "4"
+
+
+def test_snakefile_parse_imports_no_torch():
+    code = ("import sys, snakemake.api\n"
+            "from workflow import params, stages, templates\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    sh([sys.executable, "-c", code], ROOT)
+
+
+def snakemake_jobs(repo: Path) -> dict[str, dict]:
+    """Shell command (without the log redirect) -> rule, outputs, inputs, from --detailed-summary."""
+    out = sh(["snakemake", "--detailed-summary", "--cores", "1", "--forceall"], repo).stdout
+    jobs: dict[str, dict] = {}
+    for row in csv.DictReader(out.splitlines()[out.splitlines().index(next(
+            l for l in out.splitlines() if l.startswith("output_file"))):], delimiter="\t"):
+        if not row["shellcmd"] or row["shellcmd"] == "-":
+            continue
+        cmd = re.sub(r"\s*2>\s*\S+$", "", row["shellcmd"].strip())
+        job = jobs.setdefault(cmd, {"rule": row["rule"], "outs": set(), "deps": set(row["input-file(s)"].split(","))})
+        job["outs"].add(row["output_file"])
+    return jobs
+
+
+def dvc_stages(repo: Path) -> dict[str, dict]:
+    """Command -> stage name, outputs, deps, params keys, from DVC's own parser."""
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(repo)) as dvc:
+        for stage in dvc.index.stages:
+            params = [k for d in stage.deps if getattr(d, "params", None) is not None for k in d.params]
+            stages[" ".join(stage.cmd.split())] = {
+                "name": stage.addressing,
+                "outs": {str(o.def_path) for o in stage.outs},
+                "deps": {str(d.def_path) for d in stage.deps if getattr(d, "params", None) is None},
+                "params": params,
+            }
+    return stages
+
+
+def test_snakemake_and_dvc_run_the_same_commands_outputs_and_params():
+    smk, dvc = snakemake_jobs(ROOT), dvc_stages(ROOT)
+    assert sorted(smk) == sorted(dvc)  # the very same commands, one per job/stage
+    for cmd, job in smk.items():
+        stage = dvc[cmd]
+        step = stage["name"].split("@")[0]
+        assert job["rule"] == step
+        assert job["outs"] == stage["outs"], cmd
+        code = {d for d in stage["deps"] if d.startswith("workflow/")}
+        assert code == set(CODE[step]) == {d for d in job["deps"] if d.startswith("workflow/")}, cmd
+        data = [d for d in job["deps"] if not d.startswith("workflow/")]
+        assert all(any(d == s or d.startswith(s + "/") for s in stage["deps"] - code) for d in data), cmd
+        wildcards = dict(re.findall(r"--(model|precision) (\S+)", cmd))
+        assert stage["params"] == param_keys(step, **wildcards), cmd
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smk_repo(tmp_path_factory) -> Path:
+    repo = make_project(tmp_path_factory.mktemp("smk"))
+    sh(["snakemake", "--cores", "2", "--resources", "gpu=1"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory) -> Path:
+    repo = make_project(tmp_path_factory.mktemp("dvc"))
+    sh(["dvc", "init", "-q", "-f"], repo) if not (repo / ".dvc").is_dir() else None
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "first run"], repo)
+    return repo
+
+
+def read_metrics(repo: Path, kind: str, precision: str) -> dict:
+    return json.loads((repo / f"results/metrics/{kind}/tiny-{precision}-single.json").read_text())
+
+
+def test_snakemake_end_to_end(smk_repo):
+    summary = (smk_repo / "results/summary/summary.md").read_text()
+    for precision in PRECISIONS:
+        assert f"tiny-{precision}-single" in summary
+        train = read_metrics(smk_repo, "train", precision)
+        assert train["train_loss_last"] < train["train_loss_first"]
+        ev = read_metrics(smk_repo, "eval", precision)
+        assert ev["eval_loss_adapter"] < ev["eval_loss_base"]
+        assert list((smk_repo / f"results/merged/tiny-{precision}-single").glob("*.safetensors"))
+        assert (smk_repo / f"results/adapters/tiny-{precision}-single/adapter_model.safetensors").is_file()
+        assert (smk_repo / f"logs/train/tiny-{precision}-single.log").is_file()
+    assert len((smk_repo / "results/summary/summary.csv").read_text().splitlines()) == 1 + len(PRECISIONS)
+    assert dry_jobs(smk_repo) == []
+
+
+def test_snakemake_reruns_only_the_changed_variant(smk_repo):
+    edit_params(smk_repo, variants={"nf4": {"learning_rate": 0.001}})
+    try:
+        assert dry_jobs(smk_repo) == ["evaluate", "merge", "summary", "train"]
+        out = sh(["snakemake", "-n", "--cores", "1"], smk_repo).stdout
+        assert "tiny-nf4-single" in out and not any(f"tiny-{p}-single" in out for p in ("fp16", "bf16", "int8"))
+    finally:
+        sh(["git", "checkout", "params.yaml"], smk_repo)
+    assert dry_jobs(smk_repo) == []
+
+
+def test_dvc_end_to_end_then_snakemake_has_nothing_to_redo(dvc_repo):
+    status = sh(["dvc", "status"], dvc_repo).stdout
+    assert "up to date" in status
+    for precision in PRECISIONS:
+        assert read_metrics(dvc_repo, "eval", precision)["eval_loss_adapter"] > 0
+    assert (dvc_repo / "results/summary/summary.md").is_file()
+    assert dry_jobs(dvc_repo) == []  # DVC's outputs are finished work for Snakemake too
+
+
+def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
+    for precision in PRECISIONS:
+        assert read_metrics(smk_repo, "eval", precision) == read_metrics(dvc_repo, "eval", precision)
+        for key in ("train_loss_first", "train_loss_last", "train_loss_mean", "train_tokens"):
+            assert read_metrics(smk_repo, "train", precision)[key] == read_metrics(dvc_repo, "train", precision)[key]
+        curve = f"results/plots/loss/tiny-{precision}-single.csv"
+        assert (smk_repo / curve).read_text() == (dvc_repo / curve).read_text()
+
+
+def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
+    edit_params(dvc_repo, variants={"nf4": {"learning_rate": 0.001}})
+    out = sh(["dvc", "repro"], dvc_repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"train@tiny-nf4-single", "merge@tiny-nf4-single", "evaluate@tiny-nf4-single", "summary"}, out
+    diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], dvc_repo).stdout)
+    changed = {path for path, metrics in diff.items() for m in metrics.values() if m.get("diff")}
+    assert "results/metrics/eval/tiny-nf4-single.json" in changed
+    assert "results/metrics/train/tiny-nf4-single.json" in changed
+    assert not any("bf16" in p or "fp16" in p or "int8" in p for p in changed if "/eval/" in p)
+    assert dry_jobs(dvc_repo) == []  # Snakemake agrees that the rerun branch is finished
+
+
+def test_snakemake_results_handed_to_dvc(smk_repo):
+    """After a Snakemake run, `dvc commit` records its outputs and `dvc repro` redoes nothing."""
+    sh(["dvc", "commit", "-f", "-q"], smk_repo)
+    out = sh(["dvc", "repro"], smk_repo).stdout
+    assert "Running stage" not in out
