@@ -91,6 +91,11 @@ class Download(_Strict):
     offline: bool = False
     timeout_s: float = Field(gt=0)
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return str(Path(v).expanduser())  # "~/.cache/..." works as users expect
+
 
 class Data(_Strict):
     source: str

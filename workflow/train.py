@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from workflow import cli
@@ -50,6 +50,14 @@ class CountingCollator:
         batch = self.inner(features)
         self.tokens += int(batch["attention_mask"].sum())
         return batch
+
+
+class LogCallback(TrainerCallback):
+    """Training logs through `logging` (stderr, the step's log file) instead of print() to stdout."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        log.info("step %d: %s", state.global_step, {k: round(v, 5) if isinstance(v, float) else v
+                                                    for k, v in (logs or {}).items()})
 
 
 def variant_fingerprint(params: Params, model: str, precision: str, strategy: str) -> str:
@@ -157,7 +165,9 @@ def train_variant(
         disable_tqdm=True,
     )
     collator = CountingCollator(tokenizer)
-    trainer = Trainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator)
+    trainer = Trainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
+                      callbacks=[LogCallback()])
+    trainer.remove_callback(PrinterCallback)
     output = trainer.train(resume_from_checkpoint=resume)
 
     curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
