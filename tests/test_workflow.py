@@ -92,10 +92,11 @@ def test_snakemake_lint_and_dry_run_are_fast():
 
 
 def test_snakefile_parse_imports_no_torch():
-    code = ("import sys, snakemake.api\n"
-            "from workflow import params, stages, templates\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
-    sh([sys.executable, "-c", code], ROOT)
+    """`snakemake -n` stays fast on a large matrix: parsing the workflow imports no ML library."""
+    proc = sh([sys.executable, "-X", "importtime", "-m", "snakemake", "-n", "--forceall", "--cores", "1"], ROOT)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time" in line}
+    assert "workflow.params" in imported  # the probe works: the Snakefile's own imports are listed
+    assert not imported & {"torch", "transformers", "peft", "bitsandbytes", "datasets"}
 
 
 def snakemake_jobs(repo: Path) -> dict[str, dict]:
