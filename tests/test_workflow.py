@@ -6,7 +6,6 @@ The end-to-end tests copy the project into a temporary git repository with a sma
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -100,16 +99,19 @@ def test_snakefile_parse_imports_no_torch():
 
 
 def snakemake_jobs(repo: Path) -> dict[str, dict]:
-    """Shell command (without the log redirect) -> rule, outputs, inputs, from --detailed-summary."""
-    out = sh(["snakemake", "--detailed-summary", "--cores", "1", "--forceall"], repo).stdout
+    """Shell command (without the log redirect) -> rule, outputs, inputs, from a forced dry run."""
+    out = sh(["snakemake", "-n", "-p", "--forceall", "--cores", "1"], repo).stdout
     jobs: dict[str, dict] = {}
-    for row in csv.DictReader(out.splitlines()[out.splitlines().index(next(
-            l for l in out.splitlines() if l.startswith("output_file"))):], delimiter="\t"):
-        if not row["shellcmd"] or row["shellcmd"] == "-":
-            continue
-        cmd = re.sub(r"\s*2>\s*\S+$", "", row["shellcmd"].strip())
-        job = jobs.setdefault(cmd, {"rule": row["rule"], "outs": set(), "deps": set(row["input-file(s)"].split(","))})
-        job["outs"].add(row["output_file"])
+    for block in out.split("\nrule ")[1:]:
+        fields = dict(re.findall(r"^\s*(input|output|Shell command): (.*)$", block, flags=re.M))
+        if fields.get("Shell command", "None") == "None":
+            continue  # `rule all` has no command
+        cmd = re.sub(r"\s*2>\s*\S+$", "", fields["Shell command"].strip())
+        jobs[cmd] = {
+            "rule": block.split(":", 1)[0].strip(),
+            "outs": set(fields["output"].split(", ")),
+            "deps": set(fields["input"].split(", ")),
+        }
     return jobs
 
 
