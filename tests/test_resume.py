@@ -1,0 +1,181 @@
+"""Killed training resumes from its last complete checkpoint and ends exactly where an unbroken run ends.
+
+Every run here is the real `python -m workflow.train` in a subprocess, in its own working directory (so its
+checkpoints go to that directory's results/checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import params_with
+from workflow.train import COMPLETE
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANT = "tiny-fp16-single"  # fp16 is the slowest precision on CPU: the widest window to kill in
+TRAIN = {"max_steps": 30, "logging_steps": 5, "save_steps": 5}
+TIMING = {"runtime_s", "tokens_per_s", "samples_per_s", "peak_memory_bytes", "resumed_from"}
+
+
+def command(workdir: Path, params: Path, model_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "workflow.train", "--params", str(params), "--model", "tiny",
+            "--precision", "fp16", "--strategy", "single", "--model-dir", str(model_dir), "--data", str(data_dir),
+            "--out", str(workdir / "adapter"), "--metrics", str(workdir / "train.json"),
+            "--curve", str(workdir / "loss.csv"), *extra]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "LOWPREC_LOG_LEVEL": "INFO"}
+
+
+def run(workdir: Path, *args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(command(workdir, *args, *extra), cwd=workdir, env=env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def checkpoints(workdir: Path) -> Path:
+    return workdir / "results/checkpoints" / VARIANT
+
+
+def interrupt(workdir: Path, sig: int, *args: str) -> tuple[int, int, str]:
+    """Start training, wait for a complete checkpoint at a random save step, then send `sig`.
+
+    Returns (exit code, the step the kill aimed at, stderr).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random()
+    target = rng.choice(range(TRAIN["save_steps"], TRAIN["max_steps"] - TRAIN["save_steps"], TRAIN["save_steps"]))
+    marker = checkpoints(workdir) / f"checkpoint-{target}" / COMPLETE
+    proc = subprocess.Popen(command(workdir, *args), cwd=workdir, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, f"training ended before checkpoint-{target}: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))  # somewhere in the next few steps, maybe in the middle of a save
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, target, err
+
+
+@pytest.fixture(scope="module")
+def setup(builtin_model_dir, tiny_data_dir, tmp_path_factory):
+    """Params with frequent checkpoints, and the metrics + adapter of one unbroken run."""
+    tmp = tmp_path_factory.mktemp("resume")
+    params = params_with(tmp, train=TRAIN)
+    reference = tmp / "unbroken"
+    proc = run(reference, params, builtin_model_dir, tiny_data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return params, builtin_model_dir, tiny_data_dir, reference
+
+
+def assert_same_result(workdir: Path, reference: Path) -> dict:
+    """Same quality metrics, loss curve and adapter weights as the unbroken run; returns the metrics."""
+    got, want = (json.loads((d / "train.json").read_text()) for d in (workdir, reference))
+    assert {k: v for k, v in got.items() if k not in TIMING} == {k: v for k, v in want.items() if k not in TIMING}
+    assert (workdir / "loss.csv").read_text() == (reference / "loss.csv").read_text()
+    a, b = (load_file(d / "adapter/adapter_model.safetensors") for d in (workdir, reference))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return got
+
+
+def test_sigkill_then_rerun_resumes_and_matches_an_unbroken_run(setup, tmp_path):
+    params, model_dir, data_dir, reference = setup
+    work = tmp_path / "killed"
+    rc, target, err = interrupt(work, signal.SIGKILL, params, model_dir, data_dir)
+    assert rc == -signal.SIGKILL, err[-2000:]
+    assert not (work / "adapter").exists() and not (work / "train.json").exists()  # nothing looks finished
+    done = [p for p in checkpoints(work).iterdir() if (p / COMPLETE).is_file()]
+    assert done, "the kill left no complete checkpoint"
+    last = max(int(p.name.split("-")[1]) for p in done)
+    assert target <= last < TRAIN["max_steps"]
+
+    # A half-written checkpoint beyond the last complete one (as a kill during a save leaves it) is ignored.
+    half = checkpoints(work) / f"checkpoint-{last + 1}"
+    shutil.copytree(checkpoints(work) / f"checkpoint-{last}", half, dirs_exist_ok=True)
+    (half / COMPLETE).unlink()
+    (half / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+
+    proc = run(work, params, model_dir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint-{last + 1}: incomplete" in proc.stderr and not half.exists()
+    metrics = assert_same_result(work, reference)
+    assert metrics["resumed_from"] == f"checkpoint-{last}"
+    assert json.loads((reference / "train.json").read_text())["resumed_from"] is None
+
+
+def test_ctrl_c_exits_130_and_the_rerun_resumes(setup, tmp_path):
+    params, model_dir, data_dir, reference = setup
+    work = tmp_path / "interrupted"
+    rc, _, err = interrupt(work, signal.SIGINT, params, model_dir, data_dir)
+    assert rc == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("interrupted: nothing was marked finished; rerun the same command "
+                                            "to continue")
+    assert sorted(p.name for p in work.iterdir()) == ["results"]  # no adapter, metrics, curve or temp dirs
+    assert any((p / COMPLETE).is_file() for p in checkpoints(work).iterdir())
+
+    proc = run(work, params, model_dir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert assert_same_result(work, reference)["resumed_from"]
+
+
+def test_stale_checkpoint_is_refused_on_explicit_resume_and_replaced_by_default(setup, tmp_path):
+    params, model_dir, data_dir, reference = setup
+    work = tmp_path / "stale"
+    shutil.copytree(reference / "results", work / "results")  # the unbroken run's checkpoints (steps 25, 30)
+    changed = params_with(work, train={**TRAIN, "learning_rate": 1e-3})
+    kept = sorted(p.name for p in checkpoints(work).iterdir())
+    assert kept == ["checkpoint-25", "checkpoint-30"]
+
+    proc = run(work, changed, model_dir, data_dir, extra=("--resume", "require"))
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: results/checkpoints/{VARIANT}/checkpoint-30: made with other params")
+    assert "refusing to resume" in line and "--resume require" in line
+    assert sorted(p.name for p in checkpoints(work).iterdir()) == kept  # nothing discarded
+    assert not (work / "adapter").exists()
+
+    # What `dvc repro` / Snakemake run after a params change: start over (the old checkpoints are removed).
+    proc = run(work, changed, model_dir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "made with other params or inputs" in proc.stderr and "starting over" in proc.stderr
+    metrics = json.loads((work / "train.json").read_text())
+    assert metrics["resumed_from"] is None and metrics["steps"] == TRAIN["max_steps"]
+
+    # The same params again: `require` resumes from the fresh run's own final checkpoint.
+    proc = run(work, changed, model_dir, data_dir, extra=("--resume", "require"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((work / "train.json").read_text())["resumed_from"] == "checkpoint-30"
+
+
+def test_require_without_checkpoints_fails_and_never_starts_over(setup, tmp_path):
+    params, model_dir, data_dir, reference = setup
+    work = tmp_path / "none"
+    proc = run(work, params, model_dir, data_dir, extra=("--resume", "require"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: results/checkpoints/{VARIANT}: no complete checkpoint to resume from; run without --resume require")
+    shutil.copytree(reference / "results", work / "results", dirs_exist_ok=True)
+    proc = run(work, params, model_dir, data_dir, extra=("--resume", "never"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((work / "train.json").read_text())["resumed_from"] is None
+    assert_same_result(work, reference)
