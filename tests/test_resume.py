@@ -50,6 +50,21 @@ def checkpoints(workdir: Path) -> Path:
     return workdir / "results/checkpoints" / VARIANT
 
 
+def start_and_wait_for(marker: Path, cmd: list[str], cwd: Path, environ: dict) -> subprocess.Popen:
+    """Start `cmd` in its own process group; return once `marker` exists (fail if it ends first)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"{cmd[:4]} made no {marker} (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    return proc
+
+
 def interrupt(workdir: Path, sig: int, *args: str) -> tuple[int, int, str]:
     """Start training, wait for a complete checkpoint at a random save step, then send `sig`.
 
@@ -59,14 +74,8 @@ def interrupt(workdir: Path, sig: int, *args: str) -> tuple[int, int, str]:
     rng = random.Random()
     target = rng.choice(range(TRAIN["save_steps"], TRAIN["max_steps"] - TRAIN["save_steps"], TRAIN["save_steps"]))
     marker = checkpoints(workdir) / f"checkpoint-{target}" / COMPLETE
-    proc = subprocess.Popen(command(workdir, *args), cwd=workdir, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_and_wait_for(marker, command(workdir, *args), workdir, env())
     try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, f"training ended before checkpoint-{target}: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))  # somewhere in the next few steps, maybe in the middle of a save
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
@@ -179,3 +188,44 @@ def test_require_without_checkpoints_fails_and_never_starts_over(setup, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((work / "train.json").read_text())["resumed_from"] is None
     assert_same_result(work, reference)
+
+
+# --- through the orchestrators -------------------------------------------------------------------------------
+
+
+def kill_tree_after_checkpoint(cmd: list[str], repo: Path, environ: dict) -> None:
+    """Run an orchestrator command, SIGKILL it and its jobs once a complete checkpoint exists."""
+    marker = repo / "results/checkpoints" / VARIANT / f"checkpoint-{TRAIN['save_steps']}" / COMPLETE
+    proc = start_and_wait_for(marker, cmd, repo, environ)
+    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and the training job it started
+    proc.wait()
+    assert not (repo / "results/adapters" / VARIANT).exists()
+
+
+def test_snakemake_rerun_incomplete_and_dvc_repro_resume(tmp_path):
+    from tests.test_workflow import ENV, edit_params, make_project, sh
+
+    repo = make_project(tmp_path)
+    edit_params(repo, matrix={"precision": ["fp16"]}, train=TRAIN)
+    sh(["snakemake", "--cores", "1", "results/data/tiny"], repo)
+    metrics = repo / "results/metrics/train" / f"{VARIANT}.json"
+
+    kill_tree_after_checkpoint(["snakemake", "--cores", "1", str(metrics.relative_to(repo))], repo, ENV)
+    sh(["snakemake", "--unlock"], repo)  # a SIGKILLed Snakemake leaves its lock behind
+    sh(["snakemake", "--cores", "1", "--rerun-incomplete", str(metrics.relative_to(repo))], repo)
+    resumed = json.loads(metrics.read_text())
+    assert resumed["resumed_from"] and resumed["steps"] == TRAIN["max_steps"]
+
+    # DVC: the same from scratch (no checkpoints, no train outputs), with the upstream stages recorded.
+    for path in (repo / "results/checkpoints", repo / "results/adapters"):
+        shutil.rmtree(path)
+    metrics.unlink()
+    sh(["dvc", "init", "-q", "-f"], repo) if not (repo / ".dvc").is_dir() else None
+    sh(["dvc", "commit", "-f", "-q", "download@tiny", "preprocess@tiny"], repo)
+    kill_tree_after_checkpoint(["dvc", "repro", f"train@{VARIANT}"], repo, ENV)
+    out = sh(["dvc", "repro", f"train@{VARIANT}"], repo).stdout
+    assert f"Running stage 'train@{VARIANT}'" in out and "Running stage 'download" not in out
+    again = json.loads(metrics.read_text())
+    assert again["resumed_from"]
+    quality = {k: v for k, v in resumed.items() if k not in TIMING}
+    assert {k: v for k, v in again.items() if k not in TIMING} == quality  # both resumed runs agree
