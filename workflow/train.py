@@ -123,15 +123,19 @@ def resume_point(ckpt_dir: Path, fingerprint: str, mode: str = "auto") -> Path |
 
 
 class CheckpointingTrainer(Trainer):
-    """A Trainer whose checkpoints end with `complete.json`: the params fingerprint, the step and the loss sum.
+    """A Trainer whose checkpoints end with `complete.json`, and whose resumed runs log what unbroken ones do.
 
-    The Trainer writes a checkpoint file by file; the marker, written atomically after all of them, is what
-    makes a checkpoint complete. The loss sum lets a resumed run report the same mean loss as an unbroken one.
+    The Trainer writes a checkpoint file by file; `complete.json`, written atomically after all of them, is
+    what makes a checkpoint complete. It carries the params fingerprint and the Trainer's loss accumulators,
+    which the Trainer itself does not save: put back when a resumed run begins, they make its logged losses
+    and mean loss the same numbers as an unbroken run's.
     """
 
-    def __init__(self, *args, fingerprint: str, **kwargs):
+    def __init__(self, *args, fingerprint: str, resume_from: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fingerprint = fingerprint
+        if resume_from is not None:
+            self.add_callback(_RestoreLossAccumulators(self, read_json(resume_from / COMPLETE)))
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -139,8 +143,27 @@ class CheckpointingTrainer(Trainer):
         write_json_atomic(path / COMPLETE, {
             "fingerprint": self.fingerprint,
             "step": self.state.global_step,
-            "loss_sum": self._total_loss_scalar + float(self._tr_loss.item()),
+            "loss_total": self._total_loss_scalar,  # summed at each logging step
+            "loss_pending": float(self._tr_loss.item()),  # summed since the last logging step
+            "last_logged_step": self._globalstep_last_logged,
         })
+
+    def mean_loss(self) -> float:
+        """Mean training loss over every step of the run, resumed or not (call after train())."""
+        return self._total_loss_scalar / max(self.state.global_step, 1)
+
+
+class _RestoreLossAccumulators(TrainerCallback):
+    """Sets a resumed Trainer's loss accumulators to those saved in the checkpoint (train() zeroes them)."""
+
+    def __init__(self, trainer: CheckpointingTrainer, saved: dict):
+        self.trainer, self.saved = trainer, saved
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        t._total_loss_scalar = self.saved["loss_total"]
+        t._tr_loss += self.saved["loss_pending"]
+        t._globalstep_last_logged = self.saved["last_logged_step"]
 
 
 def build_lora_model(base, params: Params, plan, gradient_checkpointing: bool):
@@ -226,15 +249,12 @@ def train_variant(
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = CheckpointingTrainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
-                                   callbacks=[LogCallback()], fingerprint=fingerprint)
+                                   callbacks=[LogCallback()], fingerprint=fingerprint, resume_from=start)
     trainer.remove_callback(PrinterCallback)
-    before = read_json(start / COMPLETE) if start else {"step": 0, "loss_sum": 0.0}
     tokens_before = read_json(start / "trainer_state.json")["num_input_tokens_seen"] if start else 0
     output = trainer.train(resume_from_checkpoint=str(start) if start else None)
 
     steps = trainer.state.global_step
-    # Trainer's training_loss covers this call's steps only; add the loss summed before the checkpoint.
-    loss_mean = (before["loss_sum"] + output.training_loss * (steps - before["step"])) / max(steps, 1)
     tokens = int(trainer.state.num_input_tokens_seen)
     curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     runtime = output.metrics["train_runtime"]
@@ -249,7 +269,7 @@ def train_variant(
         "steps": steps,
         "train_loss_first": curve[0]["loss"] if curve else None,
         "train_loss_last": curve[-1]["loss"] if curve else None,
-        "train_loss_mean": loss_mean,
+        "train_loss_mean": trainer.mean_loss(),  # output.training_loss covers this call's steps only
         "runtime_s": runtime,
         "train_tokens": tokens,
         "tokens_per_s": (tokens - tokens_before) / runtime if runtime else None,  # this call's share
