@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -11,6 +12,9 @@ from collections.abc import Callable, Sequence
 from workflow.params import PRECISIONS, STRATEGIES, Params, ParamsError, load_params
 
 log = logging.getLogger("workflow")
+_job = {"name": "this step"}  # what the step runs for (variant or model), named in out-of-resource messages
+OOM_HINT = ("lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
+            "batch), set gradient_checkpointing: true, lower data.max_length, or use a smaller precision (nf4)")
 
 
 class StepError(RuntimeError):
@@ -42,6 +46,8 @@ def load_checked(args: argparse.Namespace) -> Params:
     """Load params.yaml and check that the command's matrix keys exist in it."""
     params = load_params(args.params)
     model = getattr(args, "model", None)
+    parts = [getattr(args, k, None) for k in ("model", "precision", "strategy")]
+    _job["name"] = "-".join(p for p in parts if p) or "this step"
     if model is not None and model not in params.models:
         raise ParamsError(f"{args.params}: models.{model}: no such model; add it under `models`")
     return params
@@ -55,6 +61,30 @@ def run(step_main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except (ParamsError, StepError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (MemoryError, OSError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+        kind = _out_of(exc)
+        if kind is None:
+            raise
+        print(f"error: {_job['name']}: {kind}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: nothing was marked finished; rerun the same command to continue", file=sys.stderr)
         return 130
+
+
+def _out_of(exc: BaseException) -> str | None:
+    """What a memory or disk exhaustion error means for the user (None: it is something else).
+
+    Recognised without importing torch into steps that never load it: CUDA raises torch.OutOfMemoryError,
+    the CPU allocator a RuntimeError that says so; torch.save reports a full disk in a RuntimeError too.
+    """
+    text = str(exc)
+    torch = sys.modules.get("torch")
+    if (isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
+            or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return f"out of memory ({type(exc).__name__}); {OOM_HINT}"
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return (f"no space left on the device{where}; free disk space (results/checkpoints/ and hub caches are "
+                "the big ones) and rerun the same command (training resumes from its last checkpoint)")
+    return None

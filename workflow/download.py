@@ -2,13 +2,20 @@
 
 Remote sources look in the cache first (no network) and only go online when the model is absent and
 `download.offline` is false; the output links to the resolved snapshot instead of copying gigabytes.
-Every source writes `source.json` (source, revision, resolved path, sha256 of every file).
+Every source writes `source.json` (source, revision, resolved path, sha256 of every file). Remote sources also
+keep those hashes in results/sources/<key>.json (committed, never deleted by the orchestrators): a later
+download of the same source and revision whose files differ fails instead of silently using the new files.
+
+Nothing from the model is imported here: a model that ships code (config.json `auto_map`) is refused unless
+its entry sets `trust_remote_code`, and pickle weights (*.bin, ...) are neither fetched nor linked unless it
+sets `allow_pickle`. Hub tokens come from the environment (HF_TOKEN, MODELSCOPE_API_TOKEN) and are never logged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import urllib.error
@@ -17,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from workflow import cli
-from workflow.io import atomic_dir, write_json_atomic
+from workflow.io import atomic_dir, read_json, write_json_atomic
 from workflow.params import ModelEntry, Params
 
 log = logging.getLogger("workflow.download")
@@ -27,6 +34,8 @@ ENDPOINTS = {  # what the reachability probe asks; the hub libraries read the sa
     "hf": ("HF_ENDPOINT", "https://huggingface.co"),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load formats: loading may run code
+SOURCES_ROOT = Path("results/sources")  # recorded hashes of remote models; not an output, committed to git
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -43,28 +52,56 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def check_model_dir(path: Path, what: str) -> None:
-    """Raise StepError (one line, naming the path) unless `path` looks like a loadable model."""
+def remote_code(path: Path) -> list[str]:
+    """The code references (`auto_map` of config.json / tokenizer_config.json) a model dir asks to import."""
+    refs = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: check_model_dir and the loaders report those
+        values = auto_map.values() if isinstance(auto_map, dict) else auto_map
+        refs += [v if isinstance(v, str) else next((x for x in v if x), "?") for v in values]
+    return sorted(set(refs))
+
+
+def check_model_dir(path: Path, what: str, entry: ModelEntry) -> None:
+    """Raise StepError (one line, naming the path) unless `path` looks like a model `entry` allows loading.
+
+    Reads only JSON and file names: nothing of the model is imported or unpickled.
+    """
     if not path.is_dir():
         raise cli.StepError(f"{what}: {path} is not a directory")
     if not (path / "config.json").is_file():
         raise cli.StepError(f"{what}: {path} has no config.json; point the source at a transformers model dir")
-    if not any(path.glob("*.safetensors")):
-        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f"found only {', '.join(other[:3])}; re-save it with save_pretrained()" if other else "no weights"
+    code = remote_code(path)
+    if code and not entry.trust_remote_code:
+        raise cli.StepError(f"{what}: {path} ships its own Python code ({', '.join(code[:3])}); nothing was run. "
+                            f"Set trust_remote_code: true on the model only if you trust that code")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not any(path.glob("*.safetensors")) and not (entry.allow_pickle and pickles):
+        if pickles:
+            hint = (f"found only {', '.join(pickles[:3])}, pickle weights; re-save them with save_pretrained() "
+                    "or set allow_pickle: true on the model if you trust them")
+        else:
+            hint = "no weights"
         raise cli.StepError(f"{what}: {path} has no *.safetensors weights ({hint})")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise cli.StepError(f"{what}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
-def link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path, allow_pickle: bool = False) -> None:
     """Mirror `src` into `dst` with absolute symlinks to its files.
 
-    Skipped: dot-files (the hubs' metadata) and a source.json of an earlier download (we write our own).
+    Skipped: dot-files (the hubs' metadata), a source.json of an earlier download (we write our own) and,
+    unless `allow_pickle`, pickle files, so no later step can load them.
     """
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file() or rel.as_posix() == "source.json":
+            continue
+        if p.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            log.info("not linking %s: pickle file and allow_pickle is false", rel)
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         (dst / rel).symlink_to(p.absolute())
@@ -88,18 +125,23 @@ def hf_offline() -> Iterator[None]:
 
 
 def hub_snapshot(kind: str, repo_id: str, revision: str | None, cache_dir: str, local_only: bool,
-                 timeout_s: float) -> str:
-    """One call of the hub library's snapshot_download; tokens come from the environment only."""
+                 timeout_s: float, allow_pickle: bool = False) -> str:
+    """One call of the hub library's snapshot_download; tokens come from the environment only.
+
+    Pickle weights are not fetched unless `allow_pickle` (repos often carry both formats: gigabytes saved).
+    """
+    ignore = None if allow_pickle else [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
     if kind == "modelscope":
         from modelscope import snapshot_download
 
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_only)
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_only,
+                                 ignore_patterns=ignore)
     from huggingface_hub import snapshot_download
 
     ctx = hf_offline() if local_only else contextlib.nullcontext()
     with ctx:
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_only,
-                                 etag_timeout=timeout_s)
+                                 etag_timeout=timeout_s, ignore_patterns=ignore)
 
 
 def reachable(kind: str, timeout_s: float) -> bool:
@@ -120,7 +162,8 @@ def fetch_remote(params: Params, key: str, entry: ModelEntry) -> Path:
     dl = params.download
     where = f"models.{key} ({entry.source} @ {entry.revision or 'default branch'})"
     try:
-        return Path(hub_snapshot(kind, repo_id, entry.revision, dl.cache_dir, True, dl.timeout_s))
+        return Path(hub_snapshot(kind, repo_id, entry.revision, dl.cache_dir, True, dl.timeout_s,
+                                 entry.allow_pickle))
     except Exception as exc:  # the libraries raise assorted types for "not in the cache"
         log.info("%s not in the cache %s (%s)", where, dl.cache_dir, type(exc).__name__)
     if dl.offline:
@@ -133,11 +176,31 @@ def fetch_remote(params: Params, key: str, entry: ModelEntry) -> Path:
                             "set download.offline: true")
     log.info("%s: downloading into %s", where, dl.cache_dir)
     try:
-        return Path(hub_snapshot(kind, repo_id, entry.revision, dl.cache_dir, False, dl.timeout_s))
+        return Path(hub_snapshot(kind, repo_id, entry.revision, dl.cache_dir, False, dl.timeout_s,
+                                 entry.allow_pickle))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise cli.StepError(f"{where}: download failed ({type(exc).__name__}: {first}); check the id, revision, "
                             "network and token (HF_TOKEN / MODELSCOPE_API_TOKEN)") from exc
+
+
+def check_recorded_hashes(model_key: str, info: dict) -> None:
+    """Fail if the same source and revision now give other files than when first recorded."""
+    record = SOURCES_ROOT / f"{model_key}.json"
+    if not record.is_file():
+        return
+    before = read_json(record)
+    if (before.get("source"), before.get("revision")) != (info["source"], info["revision"]):
+        log.info("models.%s: source or revision changed since %s; recording the new hashes", model_key, record)
+        return
+    old, new = before.get("sha256", {}), info["sha256"]
+    changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+    if changed:
+        raise cli.StepError(
+            f"models.{model_key}: {info['source']} @ {info['revision'] or 'default branch'} changed upstream since "
+            f"{record} was recorded ({len(changed)} file(s) differ: {', '.join(changed[:3])}); check the change, "
+            f"then pin a new revision or delete {record} to accept it"
+        )
 
 
 def download_model(params: Params, model_key: str, out: str | Path) -> dict:
@@ -156,8 +219,8 @@ def download_model(params: Params, model_key: str, out: str | Path) -> dict:
                 resolved = fetch_remote(params, model_key, entry)
             else:
                 resolved = Path(source).expanduser()
-            check_model_dir(resolved, f"models.{model_key}.source")
-            link_tree(resolved, tmp)
+            check_model_dir(resolved, f"models.{model_key}.source", entry)
+            link_tree(resolved, tmp, entry.allow_pickle)
             resolved = resolved.absolute()
         info = {
             "model": model_key,
@@ -165,9 +228,16 @@ def download_model(params: Params, model_key: str, out: str | Path) -> dict:
             "revision": entry.revision,
             "resolved_path": str(resolved),
             "trust_remote_code": entry.trust_remote_code,
+            "allow_pickle": entry.allow_pickle,
             "sha256": file_hashes(tmp),
         }
+        remote = source.startswith(("modelscope:", "hf:"))
+        if remote:
+            check_recorded_hashes(model_key, info)
         write_json_atomic(tmp / "source.json", info)
+    if remote:
+        write_json_atomic(SOURCES_ROOT / f"{model_key}.json",
+                          {k: info[k] for k in ("model", "source", "revision", "sha256")})
     log.info("models.%s: %d files from %s in %s", model_key, len(info["sha256"]), source, out)
     return info
 

@@ -7,6 +7,7 @@ with base+adapter on real eval batches; a difference beyond the dtype's toleranc
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,10 +31,38 @@ MERGE_RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def check_adapter(adapter_dir: Path) -> None:
-    """Fail with a clear message unless `adapter_dir` holds a saved adapter."""
+    """Fail with a clear message unless `adapter_dir` holds a readable saved adapter (before any model loads)."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter_dir / name).is_file():
             raise cli.StepError(f"{adapter_dir}: missing {name}; rerun the train step for this variant")
+    retrain = "the adapter is corrupt; delete it and rerun the train step for this variant"
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise cli.StepError(f"{adapter_dir}/adapter_config.json: not valid JSON; {retrain}") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise cli.StepError(f"{adapter_dir}/adapter_config.json: not a peft adapter config; {retrain}")
+    try:
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("no tensors")
+    except Exception as exc:  # safetensors raises its own error type for every kind of damage
+        raise cli.StepError(f"{adapter_dir}/adapter_model.safetensors: unreadable ({type(exc).__name__}); "
+                            f"{retrain}") from None
+
+
+def load_adapter(base, adapter_dir: Path):
+    """`base` wrapped with the saved adapter; one-line error if it does not fit the base."""
+    check_adapter(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise cli.StepError(f"{adapter_dir}: cannot be applied to the base ({type(exc).__name__}: {first}); "
+                            "delete it and rerun the train step for this variant") from exc
 
 
 def merge_variant(
@@ -47,7 +76,7 @@ def merge_variant(
     dtype = plan.load_dtype
     tokenizer = load_tokenizer(model_dir, entry.trust_remote_code)
     base = load_unquantized(model_dir, dtype, plan.device, entry.trust_remote_code)
-    lora = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    lora = load_adapter(base, adapter_dir).eval()
     batches = eval_batches(data_dir, tokenizer, params.evaluate.per_device_eval_batch_size)[: params.merge.check_batches]
     reference = [logits_of(lora, b) for b in batches]
     merged = lora.merge_and_unload().eval()

@@ -36,8 +36,19 @@ class ModelEntry(_Strict):
     source: str
     revision: str | None = None
     template: str = "human_assistant"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run Python code shipped with the model (config.json `auto_map`)
     allow_unpinned: bool = False  # opt out of the pinned-revision rule for remote sources
+    allow_pickle: bool = False  # also use pickle weights (*.bin, *.pt): loading them can run arbitrary code
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tokens(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in data:
+                if str(key).lower().endswith("token"):
+                    raise ValueError(f"`{key}`: hub tokens are read from the environment only (HF_TOKEN, "
+                                     "MODELSCOPE_API_TOKEN), never from params.yaml; remove it")
+        return data
 
     @field_validator("template")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +20,9 @@ from pathlib import Path
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from workflow import cli
-from workflow.io import atomic_dir, write_json_atomic, write_text_atomic
+from workflow.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 from workflow.modeling import load_base, load_tokenizer, peak_memory, weight_bytes
 from workflow.params import Params, variant_id
 from workflow.precision import resolve_precision
@@ -30,6 +30,8 @@ from workflow.precision import resolve_precision
 log = logging.getLogger(__name__)
 CHECKPOINT_ROOT = Path("results/checkpoints")  # not a declared output: Snakemake deletes those on failure
 _GC_KWARGS = {"use_reentrant": False}  # explicit, as torch requires; no input-grad hack needed but kept (seeds)
+COMPLETE = "complete.json"  # written last into a checkpoint-N dir: without it the checkpoint is half-written
+RESUME_MODES = ("auto", "require", "never")
 
 
 @dataclass
@@ -37,19 +39,6 @@ class TrainResult:
     metrics: dict
     loss_curve: list[dict]
     model: object  # the trained PeftModel, for callers that inspect it (tests)
-
-
-class CountingCollator:
-    """Right-pads batches (labels with -100) and counts the non-pad tokens it hands to the model."""
-
-    def __init__(self, tokenizer):
-        self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        self.tokens = 0
-
-    def __call__(self, features):
-        batch = self.inner(features)
-        self.tokens += int(batch["attention_mask"].sum())
-        return batch
 
 
 class LogCallback(TrainerCallback):
@@ -60,8 +49,8 @@ class LogCallback(TrainerCallback):
                                                     for k, v in (logs or {}).items()})
 
 
-def variant_fingerprint(params: Params, model: str, precision: str, strategy: str) -> str:
-    """Hash of every param the variant's training depends on; checkpoints carry it."""
+def variant_fingerprint(params: Params, model: str, precision: str, strategy: str, inputs: str = "") -> str:
+    """Hash of every param the variant's training depends on (and of its input files); checkpoints carry it."""
     relevant = {
         "seed": params.seed,
         "model": params.models[model].model_dump(),
@@ -70,23 +59,111 @@ def variant_fingerprint(params: Params, model: str, precision: str, strategy: st
         "train": params.variant_train(precision).model_dump(),
         "precision": precision,
         "strategy": strategy,
+        "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resume_point(ckpt_dir: Path, fingerprint: str) -> str | None:
-    """The last complete checkpoint made with the same params, else None (stale ones are removed)."""
-    stamp = ckpt_dir / "fingerprint.txt"
-    if ckpt_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-        log.warning("%s: checkpoints were made with other params; starting over", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stamp, fingerprint + "\n")
-    last = get_last_checkpoint(str(ckpt_dir))
-    if last and (Path(last) / "trainer_state.json").is_file():  # written last by the Trainer: a complete one
+def inputs_digest(model_dir: Path, data_dir: Path) -> str:
+    """sha256 of the model's recorded file hashes and the tokenized train split: what else training reads."""
+    h = hashlib.sha256()
+    files = [Path(model_dir) / "source.json", *sorted((Path(data_dir) / "train").glob("*.arrow"))]
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def resume_point(ckpt_dir: Path, fingerprint: str, mode: str = "auto") -> Path | None:
+    """The checkpoint to resume from: the latest *complete* one made with `fingerprint`, or None.
+
+    Incomplete checkpoints (a kill while saving: no `complete.json`) are removed. A complete checkpoint made
+    with other params is stale: `auto` (what Snakemake and DVC run) removes it with a warning and starts
+    over, since the params change is what the orchestrator is rerunning for; `require` refuses to go on
+    and keeps it; `never` removes every checkpoint.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0), key=_step)
+    complete = []
+    for path in found:
+        if (path / COMPLETE).is_file():
+            complete.append(path)
+        else:
+            log.warning("%s: incomplete (no %s); ignoring and removing it", path, COMPLETE)
+            shutil.rmtree(path)
+    if mode == "never":
+        for path in complete:
+            shutil.rmtree(path)
+        return None
+    if not complete:
+        if mode == "require":
+            raise cli.StepError(f"{ckpt_dir}: no complete checkpoint to resume from; run without --resume require")
+        return None
+    last = complete[-1]
+    made_with = read_json(last / COMPLETE).get("fingerprint")
+    if made_with == fingerprint:
         log.info("resuming from %s", last)
         return last
+    if mode == "require":
+        raise cli.StepError(
+            f"{last}: made with other params or inputs (fingerprint {made_with}, now {fingerprint}); refusing "
+            "to resume from it: restore the params it was made with, or run without --resume require to start over"
+        )
+    log.warning("%s: made with other params or inputs (fingerprint %s, now %s); not resuming from it, "
+                "removing the variant's checkpoints and starting over", last, made_with, fingerprint)
+    for path in complete:
+        shutil.rmtree(path)
     return None
+
+
+class CheckpointingTrainer(Trainer):
+    """A Trainer whose checkpoints end with `complete.json`, and whose resumed runs log what unbroken ones do.
+
+    The Trainer writes a checkpoint file by file; `complete.json`, written atomically after all of them, is
+    what makes a checkpoint complete. It carries the params fingerprint and the Trainer's loss accumulators,
+    which the Trainer itself does not save: put back when a resumed run begins, they make its logged losses
+    and mean loss the same numbers as an unbroken run's.
+    """
+
+    def __init__(self, *args, fingerprint: str, resume_from: Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fingerprint = fingerprint
+        if resume_from is not None:
+            self.add_callback(_RestoreLossAccumulators(self, read_json(resume_from / COMPLETE)))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        write_json_atomic(path / COMPLETE, {
+            "fingerprint": self.fingerprint,
+            "step": self.state.global_step,
+            "loss_total": self._total_loss_scalar,  # summed at each logging step
+            "loss_pending": float(self._tr_loss.item()),  # summed since the last logging step
+            "last_logged_step": self._globalstep_last_logged,
+        })
+
+    def mean_loss(self) -> float:
+        """Mean training loss over every step of the run, resumed or not (call after train())."""
+        return self._total_loss_scalar / max(self.state.global_step, 1)
+
+
+class _RestoreLossAccumulators(TrainerCallback):
+    """Sets a resumed Trainer's loss accumulators to those saved in the checkpoint (train() zeroes them)."""
+
+    def __init__(self, trainer: CheckpointingTrainer, saved: dict):
+        self.trainer, self.saved = trainer, saved
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        t._total_loss_scalar = self.saved["loss_total"]
+        t._tr_loss += self.saved["loss_pending"]
+        t._globalstep_last_logged = self.saved["last_logged_step"]
 
 
 def build_lora_model(base, params: Params, plan, gradient_checkpointing: bool):
@@ -112,9 +189,13 @@ def build_lora_model(base, params: Params, plan, gradient_checkpointing: bool):
 
 
 def train_variant(
-    params: Params, model: str, precision: str, strategy: str, model_dir: Path, data_dir: Path, out: Path
+    params: Params, model: str, precision: str, strategy: str, model_dir: Path, data_dir: Path, out: Path,
+    resume: str = "auto",
 ) -> TrainResult:
-    """Train the variant's adapter into `out`; return its metrics and loss curve."""
+    """Train the variant's adapter into `out`; return its metrics and loss curve.
+
+    `resume` (auto | require | never) says what to do with the variant's checkpoints: see `resume_point`.
+    """
     vid = variant_id(model, precision, strategy)
     entry = params.models[model]
     targs = params.variant_train(precision)
@@ -127,14 +208,15 @@ def train_variant(
         train_ds = load_from_disk(str(Path(data_dir) / "train"))
     except FileNotFoundError:
         raise cli.StepError(f"{data_dir}/train: no tokenized data; run the preprocess step first") from None
+    ckpt_dir = CHECKPOINT_ROOT / vid
+    fingerprint = variant_fingerprint(params, model, precision, strategy, inputs_digest(model_dir, data_dir))
+    start = resume_point(ckpt_dir, fingerprint, resume)  # before loading the model: a refusal fails fast
     base = load_base(model_dir, plan, entry.trust_remote_code)
     base_bytes = weight_bytes(base)
     lora_model = build_lora_model(base, params, plan, targs.gradient_checkpointing)
     trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in lora_model.parameters())
 
-    ckpt_dir = CHECKPOINT_ROOT / vid
-    resume = _resume_point(ckpt_dir, variant_fingerprint(params, model, precision, strategy))
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         max_steps=targs.max_steps,
@@ -161,15 +243,19 @@ def train_variant(
         data_seed=params.seed,
         remove_unused_columns=False,  # our columns are exactly what the model takes (seeds 000 §3.10)
         report_to="none",
+        include_num_input_tokens_seen="non_padding",  # kept in the checkpoints' trainer state
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    collator = CountingCollator(tokenizer)
-    trainer = Trainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
-                      callbacks=[LogCallback()])
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = CheckpointingTrainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
+                                   callbacks=[LogCallback()], fingerprint=fingerprint, resume_from=start)
     trainer.remove_callback(PrinterCallback)
-    output = trainer.train(resume_from_checkpoint=resume)
+    tokens_before = read_json(start / "trainer_state.json")["num_input_tokens_seen"] if start else 0
+    output = trainer.train(resume_from_checkpoint=str(start) if start else None)
 
+    steps = trainer.state.global_step
+    tokens = int(trainer.state.num_input_tokens_seen)
     curve = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     runtime = output.metrics["train_runtime"]
     with atomic_dir(out) as tmp:
@@ -180,18 +266,18 @@ def train_variant(
         "precision": precision,
         "strategy": strategy,
         "resolved": plan.describe(),
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "train_loss_first": curve[0]["loss"] if curve else None,
         "train_loss_last": curve[-1]["loss"] if curve else None,
-        "train_loss_mean": output.training_loss,
+        "train_loss_mean": trainer.mean_loss(),  # output.training_loss covers this call's steps only
         "runtime_s": runtime,
-        "train_tokens": collator.tokens,
-        "tokens_per_s": collator.tokens / runtime if runtime else None,
+        "train_tokens": tokens,
+        "tokens_per_s": (tokens - tokens_before) / runtime if runtime else None,  # this call's share
         "samples_per_s": output.metrics.get("train_samples_per_second"),
         "weight_footprint_bytes": base_bytes,
         "trainable_params": trainable,
         "total_params": total,
-        "resumed_from": Path(resume).name if resume else None,
+        "resumed_from": start.name if start else None,
         **peak_memory(plan.device),
     }
     return TrainResult(metrics=metrics, loss_curve=curve, model=lora_model)
@@ -204,9 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="adapter directory to write")
     p.add_argument("--metrics", required=True, type=Path, help="training metrics JSON to write")
     p.add_argument("--curve", required=True, type=Path, help="loss curve CSV (step,loss) to write")
+    p.add_argument("--resume", choices=RESUME_MODES, default="auto",
+                   help="auto (default): resume from the last complete checkpoint made with the same params, "
+                        "start over if it is stale; require: resume or fail, never discard; never: start over")
     args = p.parse_args(argv)
     params = cli.load_checked(args)
-    result = train_variant(params, args.model, args.precision, args.strategy, args.model_dir, args.data, args.out)
+    result = train_variant(params, args.model, args.precision, args.strategy, args.model_dir, args.data, args.out,
+                           args.resume)
     rows = "".join(f"{r['step']},{r['loss']}\n" for r in result.loss_curve)
     write_text_atomic(args.curve, "step,loss\n" + rows)
     write_json_atomic(args.metrics, result.metrics)
