@@ -4,6 +4,10 @@ Follows the seeds' recipe: LoRA on every linear layer, gradient checkpointing wi
 `enable_input_require_grads`, `use_cache=False`, `prepare_model_for_kbit_training` for int8/nf4, and the
 precision plan from `workflow.precision` (the only place that decides dtypes, quantization and optimizer).
 Checkpoints go to a directory outside the declared outputs so a killed run resumes instead of restarting.
+
+Two metrics files: `--metrics` holds what is deterministic for a given params.yaml (losses, token counts,
+weight storage), `--timing` what varies from run to run (runtime, throughput, peak memory, device), so a
+determinism check compares the first alone. `--live` streams the Trainer's logs through dvclive.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from workflow import cli
 from workflow.io import atomic_dir, write_json_atomic, write_text_atomic
-from workflow.modeling import load_base, load_tokenizer, peak_memory, weight_bytes
+from workflow.modeling import device_name, linear_weight_bits, load_base, load_tokenizer, peak_memory, weight_bytes
 from workflow.params import Params, variant_id
 from workflow.precision import resolve_precision
 
@@ -35,6 +39,7 @@ _GC_KWARGS = {"use_reentrant": False}  # explicit, as torch requires; no input-g
 @dataclass
 class TrainResult:
     metrics: dict
+    timing: dict
     loss_curve: list[dict]
     model: object  # the trained PeftModel, for callers that inspect it (tests)
 
@@ -58,6 +63,32 @@ class LogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         log.info("step %d: %s", state.global_step, {k: round(v, 5) if isinstance(v, float) else v
                                                     for k, v in (logs or {}).items()})
+
+
+class LiveCallback(TrainerCallback):
+    """Streams the Trainer's logs to dvclive while training: `<dir>/metrics.json` (latest values) and
+    `<dir>/plots/metrics/train/<name>.tsv` (one row per logging step), which `dvc plots`/`dvc exp show` read.
+
+    No params file, dvc.yaml, report or experiment of its own: dvc.yaml declares these two outputs, and
+    `dvc exp run` makes the experiment.
+    """
+
+    def __init__(self, live_dir: Path):
+        from dvclive import Live
+
+        self.live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not numbers:
+            return
+        self.live.step = state.global_step
+        for key, value in numbers.items():
+            self.live.log_metric(f"train/{key}", value)
+        self.live.make_summary()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.live.end()
 
 
 def variant_fingerprint(params: Params, model: str, precision: str, strategy: str) -> str:
@@ -112,7 +143,8 @@ def build_lora_model(base, params: Params, plan, gradient_checkpointing: bool):
 
 
 def train_variant(
-    params: Params, model: str, precision: str, strategy: str, model_dir: Path, data_dir: Path, out: Path
+    params: Params, model: str, precision: str, strategy: str, model_dir: Path, data_dir: Path, out: Path,
+    live_dir: Path | None = None,
 ) -> TrainResult:
     """Train the variant's adapter into `out`; return its metrics and loss curve."""
     vid = variant_id(model, precision, strategy)
@@ -129,6 +161,7 @@ def train_variant(
         raise cli.StepError(f"{data_dir}/train: no tokenized data; run the preprocess step first") from None
     base = load_base(model_dir, plan, entry.trust_remote_code)
     base_bytes = weight_bytes(base)
+    linear_bits = linear_weight_bits(base)
     lora_model = build_lora_model(base, params, plan, targs.gradient_checkpointing)
     trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in lora_model.parameters())
@@ -165,8 +198,9 @@ def train_variant(
         disable_tqdm=True,
     )
     collator = CountingCollator(tokenizer)
+    callbacks = [LogCallback()] + ([LiveCallback(live_dir)] if live_dir is not None else [])
     trainer = Trainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
-                      callbacks=[LogCallback()])
+                      callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     output = trainer.train(resume_from_checkpoint=resume)
 
@@ -184,17 +218,22 @@ def train_variant(
         "train_loss_first": curve[0]["loss"] if curve else None,
         "train_loss_last": curve[-1]["loss"] if curve else None,
         "train_loss_mean": output.training_loss,
-        "runtime_s": runtime,
         "train_tokens": collator.tokens,
-        "tokens_per_s": collator.tokens / runtime if runtime else None,
-        "samples_per_s": output.metrics.get("train_samples_per_second"),
         "weight_footprint_bytes": base_bytes,
+        **linear_bits,
         "trainable_params": trainable,
         "total_params": total,
-        "resumed_from": Path(resume).name if resume else None,
+    }
+    timing = {
+        "variant": vid,
+        "device_name": device_name(plan.device),
+        "runtime_s": runtime,
+        "tokens_per_s": collator.tokens / runtime if runtime else None,  # non-pad tokens (attention mask)
+        "samples_per_s": output.metrics.get("train_samples_per_second"),
+        "resumed_from": Path(resume).name if resume else None,  # counts cover only the resumed part then
         **peak_memory(plan.device),
     }
-    return TrainResult(metrics=metrics, loss_curve=curve, model=lora_model)
+    return TrainResult(metrics=metrics, timing=timing, loss_curve=curve, model=lora_model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,12 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="adapter directory to write")
     p.add_argument("--metrics", required=True, type=Path, help="training metrics JSON to write")
     p.add_argument("--curve", required=True, type=Path, help="loss curve CSV (step,loss) to write")
+    p.add_argument("--timing", required=True, type=Path, help="timing/memory metrics JSON to write")
+    p.add_argument("--live", required=True, type=Path, help="dvclive directory for live training metrics")
     args = p.parse_args(argv)
     params = cli.load_checked(args)
-    result = train_variant(params, args.model, args.precision, args.strategy, args.model_dir, args.data, args.out)
+    result = train_variant(params, args.model, args.precision, args.strategy, args.model_dir, args.data, args.out,
+                           live_dir=args.live)
     rows = "".join(f"{r['step']},{r['loss']}\n" for r in result.loss_curve)
     write_text_atomic(args.curve, "step,loss\n" + rows)
     write_json_atomic(args.metrics, result.metrics)
+    write_json_atomic(args.timing, result.timing)
     log.info("wrote %s (loss %s -> %s)", args.out, result.metrics["train_loss_first"], result.metrics["train_loss_last"])
     return 0
 
