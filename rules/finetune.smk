@@ -12,7 +12,8 @@ rule train:
         curve="results/plots/loss/{model}-{precision}-{strategy}.csv",
         timing="results/metrics/timing/{model}-{precision}-{strategy}.json",
         live_metrics="results/live/{model}-{precision}-{strategy}/metrics.json",
-        live_plots=directory("results/live/{model}-{precision}-{strategy}/plots"),
+        live_plots=expand("results/live/{{model}}-{{precision}}-{{strategy}}/plots/metrics/train/{key}.tsv",
+                          key=("loss", "learning_rate", "grad_norm")),
     params:
         values=lambda w: param_values(config, "train", model=w.model, precision=w.precision),
     log:

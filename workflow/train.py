@@ -65,12 +65,16 @@ class LogCallback(TrainerCallback):
                                                     for k, v in (logs or {}).items()})
 
 
+LIVE_KEYS = ("loss", "learning_rate", "grad_norm")  # one dvclive plot file each; rules/dvc.yaml list them
+
+
 class LiveCallback(TrainerCallback):
     """Streams the Trainer's logs to dvclive while training: `<dir>/metrics.json` (latest values) and
-    `<dir>/plots/metrics/train/<name>.tsv` (one row per logging step), which `dvc plots`/`dvc exp show` read.
+    `<dir>/plots/metrics/train/<key>.tsv` for each of LIVE_KEYS (one row per logging step), which
+    `dvc plots`/`dvc exp show` read.
 
-    No params file, dvc.yaml, report or experiment of its own: dvc.yaml declares these two outputs, and
-    `dvc exp run` makes the experiment.
+    Nothing else: no params file, dvc.yaml, report or experiment of its own, so the files written are exactly
+    the declared outputs; `dvc exp run` makes the experiment.
     """
 
     def __init__(self, live_dir: Path):
@@ -79,7 +83,7 @@ class LiveCallback(TrainerCallback):
         self.live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in (logs or {}).items() if k in LIVE_KEYS}
         if not numbers:
             return
         self.live.step = state.global_step
