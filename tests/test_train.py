@@ -98,4 +98,11 @@ def test_cli_writes_adapter_metrics_and_curve(tmp_path, builtin_model_dir, tiny_
     assert live[0].split("\t") == ["step", "loss"] and [r.split("\t")[0] for r in live[1:]] == ["1", "2", "4", "6"]
     assert json.loads((tmp_path / "out/live/metrics.json").read_text())["train"]["loss"] > 0
     assert sorted(p.name for p in (tmp_path / "out/live").iterdir()) == ["metrics.json", "plots"]
+
+    # Rerun: it resumes from the finished checkpoint and trains no step; the live log still has every step.
+    assert train_step.main(argv) == 0
+    assert json.loads((tmp_path / "out/t.json").read_text())["resumed_from"] == "checkpoint-6"
+    resumed = (tmp_path / "out/live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in resumed[1:]] == ["1", "2", "4", "6"]
+    assert (tmp_path / "out/c.csv").read_text().startswith("step,loss\n1,")
     assert not list((tmp_path / "out").glob(".*tmp*"))  # nothing half-written left behind

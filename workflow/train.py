@@ -82,14 +82,21 @@ class LiveCallback(TrainerCallback):
 
         self.live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {k: v for k, v in (logs or {}).items() if k in LIVE_KEYS}
+    def _log(self, step: int, logs: dict) -> None:
+        numbers = {k: v for k, v in logs.items() if k in LIVE_KEYS}
         if not numbers:
             return
-        self.live.step = state.global_step
+        self.live.step = step
         for key, value in numbers.items():
             self.live.log_metric(f"train/{key}", value)
         self.live.make_summary()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for entry in state.log_history:  # a resumed run: replay the logs its checkpoint carries
+            self._log(entry["step"], entry)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._log(state.global_step, logs or {})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.live.end()
