@@ -1,4 +1,4 @@
-# Low-precision LoRA fine-tuning: download -> preprocess -> train -> merge -> evaluate -> summary.
+# Low-precision LoRA fine-tuning: download -> preprocess -> train -> merge -> evaluate -> report.
 # Every rule runs `python -m workflow.<step>`, the same command as its dvc.yaml stage.
 # All settings live in params.yaml; edit it (not --config) so both orchestrators see the same values.
 
@@ -29,6 +29,6 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        rules.summary.output.table,
+        rules.report.output,
         expand("results/metrics/eval/{id}.json", id=[v["id"] for v in VARIANTS]),
     default_target: True

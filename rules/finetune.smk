@@ -10,6 +10,10 @@ rule train:
         adapter=directory("results/adapters/{model}-{precision}-{strategy}"),
         metrics="results/metrics/train/{model}-{precision}-{strategy}.json",
         curve="results/plots/loss/{model}-{precision}-{strategy}.csv",
+        timing="results/metrics/timing/{model}-{precision}-{strategy}.json",
+        live_metrics="results/live/{model}-{precision}-{strategy}/metrics.json",
+        live_plots=expand("results/live/{{model}}-{{precision}}-{{strategy}}/plots/metrics/train/{key}.tsv",
+                          key=("loss", "learning_rate", "grad_norm")),
     params:
         values=lambda w: param_values(config, "train", model=w.model, precision=w.precision),
     log:
@@ -23,7 +27,8 @@ rule train:
     shell:
         "python -m workflow.train --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
         " --strategy {wildcards.strategy} --model-dir {input.model} --data {input.data} --out {output.adapter}"
-        " --metrics {output.metrics} --curve {output.curve} 2> {log}"
+        " --metrics {output.metrics} --curve {output.curve} --timing {output.timing}"
+        " --live results/live/{wildcards.model}-{wildcards.precision}-{wildcards.strategy} 2> {log}"
 
 
 rule merge:
@@ -60,6 +65,7 @@ rule evaluate:
         data=rules.preprocess.output.data,
     output:
         metrics="results/metrics/eval/{model}-{precision}-{strategy}.json",
+        predictions="results/predictions/{model}-{precision}-{strategy}.jsonl",
     params:
         values=lambda w: param_values(config, "evaluate", model=w.model),
     log:
@@ -73,4 +79,5 @@ rule evaluate:
     shell:
         "python -m workflow.evaluate --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
         " --strategy {wildcards.strategy} --model-dir {input.model} --adapter {input.adapter}"
-        " --merged {input.merged} --data {input.data} --metrics {output.metrics} 2> {log}"
+        " --merged {input.merged} --data {input.data} --metrics {output.metrics}"
+        " --predictions {output.predictions} 2> {log}"

@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import params_with
 from workflow import train as train_step
 from workflow.cli import StepError
-from workflow.evaluate import evaluate_variant
+from workflow.evaluate import evaluate_variant, prompts_and_references
 from workflow.merge import merge_variant
 from workflow.modeling import eval_batches, load_tokenizer, logits_of
 from workflow.params import load_params
+from workflow.quality import quality
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,32 @@ def test_evaluate_reports_base_adapter_merged(trained, builtin_model_dir, tiny_d
     params, adapters, tmp = trained
     merged = tmp / "merged-eval"
     merge_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], tiny_data_dir, merged)
-    m = evaluate_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], merged, tiny_data_dir)
+    m, rows = evaluate_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], merged,
+                               tiny_data_dir)
     assert m["eval_rows"] == params.data.eval_size and m["eval_tokens"] > m["eval_rows"]
     assert m["eval_loss_adapter"] < 0.5 * m["eval_loss_base"]  # fine-tuning taught the format and the stop
     assert abs(m["eval_loss_merged"] - m["eval_loss_adapter"]) < 0.1  # QLoRA merge gap is small
+    assert m["trained_vs_merged_loss_gap"] == pytest.approx(m["eval_loss_merged"] - m["eval_loss_adapter"])
+    assert 0 < m["trained_vs_merged_max_abs_logit_diff"] < 10  # nf4 rounding: present, but not a broken merge
     assert m["perplexity_merged"] == pytest.approx(torch.tensor(m["eval_loss_merged"]).exp().item())
+
+    # Generation: every eval prompt, for each of the three models; the metrics are those of the rows.
+    assert [r["model"] for r in rows] == ["base"] * 96 + ["adapter"] * 96 + ["merged"] * 96
+    merged_rows = [r for r in rows if r["model"] == "merged"]
+    assert m["exact_match_merged"] == quality(merged_rows)["exact_match"]
+    assert all(r["prompt"].startswith("Human: ") and r["prompt"].endswith("Assistant: ") for r in rows)
+    assert all(r["tokens"] <= params.generate.max_new_tokens for r in rows)
+    assert m["eos_stop_rate_adapter"] > 0.9  # the fine-tuned model learned to stop
+    assert m["exact_match_adapter"] >= m["exact_match_base"] + 0.1  # 30 steps: some answers right already
+    assert m["avg_gen_tokens_merged"] < 4  # the default answers are a few tokens
+
+
+def test_prompts_and_references_split_rows_by_the_labels_mask():
+    """Right-padded rows: prompt = ids under label -100, reference = labelled ids minus the final eos."""
+    eos, pad = 2, 2
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 8, eos, pad], [5, 9, 11, 12, 13, 4]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[-100, -100, 7, 8, eos, -100], [-100, -100, -100, 12, 13, 4]]),  # row 2: cut
+    }
+    assert prompts_and_references([batch], eos) == [([5, 6], [7, 8]), ([5, 9, 11], [12, 13, 4])]

@@ -41,7 +41,15 @@ def test_every_precision_trains(precision, short_params, builtin_model_dir, tiny
     assert type(layer).__name__ == expected
     if precision in ("fp16", "bf16"):
         assert layer.weight.dtype == resolve_precision(precision, "cpu").load_dtype
-    assert m["train_tokens"] > 0 and m["tokens_per_s"] > 0 and m["weight_footprint_bytes"] > 0
+    assert m["train_tokens"] > 0 and result.timing["tokens_per_s"] > 0 and m["weight_footprint_bytes"] > 0
+    assert m["train_tokens"] < STEPS * 8 * 96  # non-pad tokens only: fewer than batch x longest row
+    # Per layer: q,k,v,o 128x128, gate/up 256x128, down 128x256 (163840 params). int8 adds an fp32 scale per
+    # output row; nf4 packs 2 per byte plus a uint8 absmax per 64 and an fp32 per 256 absmaxes (+ offset).
+    int8_bytes = 163840 + 4 * (4 * 128 + 2 * 256 + 128)
+    nf4_bytes = 163840 // 2 + 4 * (256 + 4 + 4) + 3 * (512 + 8 + 4)
+    expected_bits = {"fp16": 16, "bf16": 16, "int8": 8 * int8_bytes / 163840, "nf4": 8 * nf4_bytes / 163840}
+    assert m["linear_params"] == 2 * 163840
+    assert m["linear_bits_per_param"] == pytest.approx(expected_bits[precision], rel=1e-9)
 
     # Base weights unchanged: equal to a fresh load in the same precision. Adapter weights moved.
     fresh = load_base(builtin_model_dir, resolve_precision(precision, "cpu"))
@@ -77,10 +85,24 @@ def test_cli_writes_adapter_metrics_and_curve(tmp_path, builtin_model_dir, tiny_
     path = params_with(tmp_path, train={"max_steps": 6, "logging_steps": 2, "save_steps": 3})
     argv = ["--params", str(path), "--model", "tiny", "--precision", "int8", "--strategy", "single",
             "--model-dir", str(builtin_model_dir), "--data", str(tiny_data_dir), "--out", "out/adapter",
-            "--metrics", "out/m.json", "--curve", "out/c.csv"]
+            "--metrics", "out/m.json", "--curve", "out/c.csv", "--timing", "out/t.json", "--live", "out/live"]
     assert train_step.main(argv) == 0
     metrics = json.loads((tmp_path / "out/m.json").read_text())
     assert metrics["resolved"]["quantization"]["method"] == "llm.int8"
     assert (tmp_path / "out/c.csv").read_text().startswith("step,loss\n1,")
     assert (tmp_path / "out/adapter/adapter_config.json").is_file()
+    timing = json.loads((tmp_path / "out/t.json").read_text())
+    assert timing["peak_memory_kind"] == "cpu_peak_rss" and timing["device_name"].startswith("cpu")
+    assert "runtime_s" not in metrics and "tokens_per_s" not in metrics  # timing stays out of the quality file
+    live = (tmp_path / "out/live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert live[0].split("\t") == ["step", "loss"] and [r.split("\t")[0] for r in live[1:]] == ["1", "2", "4", "6"]
+    assert json.loads((tmp_path / "out/live/metrics.json").read_text())["train"]["loss"] > 0
+    assert sorted(p.name for p in (tmp_path / "out/live").iterdir()) == ["metrics.json", "plots"]
+
+    # Rerun: it resumes from the finished checkpoint and trains no step; the live log still has every step.
+    assert train_step.main(argv) == 0
+    assert json.loads((tmp_path / "out/t.json").read_text())["resumed_from"] == "checkpoint-6"
+    resumed = (tmp_path / "out/live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in resumed[1:]] == ["1", "2", "4", "6"]
+    assert (tmp_path / "out/c.csv").read_text().startswith("step,loss\n1,")
     assert not list((tmp_path / "out").glob(".*tmp*"))  # nothing half-written left behind

@@ -173,7 +173,7 @@ def read_metrics(repo: Path, kind: str, precision: str) -> dict:
 
 
 def test_snakemake_end_to_end(smk_repo):
-    summary = (smk_repo / "results/summary/summary.md").read_text()
+    summary = (smk_repo / "results/report/summary.md").read_text()
     for precision in PRECISIONS:
         assert f"tiny-{precision}-single" in summary
         train = read_metrics(smk_repo, "train", precision)
@@ -183,14 +183,37 @@ def test_snakemake_end_to_end(smk_repo):
         assert list((smk_repo / f"results/merged/tiny-{precision}-single").glob("*.safetensors"))
         assert (smk_repo / f"results/adapters/tiny-{precision}-single/adapter_model.safetensors").is_file()
         assert (smk_repo / f"logs/train/tiny-{precision}-single.log").is_file()
-    assert len((smk_repo / "results/summary/summary.csv").read_text().splitlines()) == 1 + len(PRECISIONS)
+        assert ev["exact_match_adapter"] > ev["exact_match_base"] and ev["eos_stop_rate_merged"] > 0.5
+        predictions = (smk_repo / f"results/predictions/tiny-{precision}-single.jsonl").read_text().splitlines()
+        assert len(predictions) == 3 * SMALL["evaluate"]["max_eval_rows"]  # base, adapter, merged
+        assert set(json.loads(predictions[0])) == {"model", "row", "prompt", "reference", "prediction",
+                                                   "stopped_at_eos", "tokens"}
+        timing = read_metrics(smk_repo, "timing", precision)
+        assert timing["tokens_per_s"] > 0 and timing["peak_memory_kind"] == "cpu_peak_rss"
+        live = smk_repo / f"results/live/tiny-{precision}-single"
+        assert json.loads((live / "metrics.json").read_text())["train"]["loss"] > 0
+        assert (live / "plots/metrics/train/loss.tsv").read_text().startswith("step\tloss\n")
+    rows = list(csv.DictReader((smk_repo / "results/report/summary.csv").read_text().splitlines()))
+    assert [r["precision"] for r in rows] == list(PRECISIONS)
+    bf16 = next(r for r in rows if r["precision"] == "bf16")
+    assert float(bf16["mem x bf16"]) == float(bf16["tokens/s x bf16"]) == float(bf16["eval loss x bf16"]) == 1.0
+    assert all(r["template"] == "human_assistant" and r["strategy"] == "single" for r in rows)
+    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png"):
+        assert (smk_repo / "results/report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert dry_jobs(smk_repo) == []
+
+
+def test_snakemake_html_report_includes_the_plots(smk_repo):
+    sh(["snakemake", "--report", "report.html"], smk_repo)
+    html = (smk_repo / "report.html").read_text(errors="replace")
+    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png", "summary.csv"):
+        assert name in html, name
 
 
 def test_snakemake_reruns_only_the_changed_variant(smk_repo):
     edit_params(smk_repo, variants={"nf4": {"learning_rate": 0.001}})
     try:
-        assert dry_jobs(smk_repo) == ["evaluate", "merge", "summary", "train"]
+        assert dry_jobs(smk_repo) == ["evaluate", "merge", "report", "train"]
         out = sh(["snakemake", "-n", "--cores", "1"], smk_repo).stdout
         assert set(re.findall(r"wildcards: .*precision=(\w+)", out)) == {"nf4"}
     finally:
@@ -203,24 +226,39 @@ def test_dvc_end_to_end_then_snakemake_has_nothing_to_redo(dvc_repo):
     assert "up to date" in status
     for precision in PRECISIONS:
         assert read_metrics(dvc_repo, "eval", precision)["eval_loss_adapter"] > 0
-    assert (dvc_repo / "results/summary/summary.md").is_file()
+    assert (dvc_repo / "results/report/summary.md").is_file()
     assert dry_jobs(dvc_repo) == []  # DVC's outputs are finished work for Snakemake too
 
 
-def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
+def test_dvc_plots_show_renders_the_loss_curves_of_every_variant(dvc_repo):
+    shown = json.loads(sh(["dvc", "plots", "show", "--json"], dvc_repo).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    plots = shown["data"]
     for precision in PRECISIONS:
-        assert read_metrics(smk_repo, "eval", precision) == read_metrics(dvc_repo, "eval", precision)
-        for key in ("train_loss_first", "train_loss_last", "train_loss_mean", "train_tokens"):
-            assert read_metrics(smk_repo, "train", precision)[key] == read_metrics(dvc_repo, "train", precision)[key]
-        curve = f"results/plots/loss/tiny-{precision}-single.csv"
-        assert (smk_repo / curve).read_text() == (dvc_repo / curve).read_text()
+        for path in (f"results/plots/loss/tiny-{precision}-single.csv",  # dvc.yaml's top-level plots section
+                     f"results/live/tiny-{precision}-single/plots/metrics/train/loss.tsv"):  # dvclive, live
+            points = plots[path][0]["content"]["data"]["values"]
+            assert len(points) == SMALL["train"]["max_steps"] // 5 + 1 and float(points[-1]["loss"]) > 0, path
+    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png"):
+        assert plots[f"results/report/{name}"][0]["type"] == "image"
+
+
+def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
+    """Everything but the timing file is deterministic: whole files compare equal."""
+    for precision in PRECISIONS:
+        for kind in ("train", "merge", "eval"):
+            assert read_metrics(smk_repo, kind, precision) == read_metrics(dvc_repo, kind, precision), kind
+        for path in (f"results/plots/loss/tiny-{precision}-single.csv",
+                     f"results/predictions/tiny-{precision}-single.jsonl"):
+            assert (smk_repo / path).read_text() == (dvc_repo / path).read_text(), path
+        assert read_metrics(smk_repo, "timing", precision) != read_metrics(dvc_repo, "timing", precision)
 
 
 def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
     edit_params(dvc_repo, variants={"nf4": {"learning_rate": 0.001}})
     out = sh(["dvc", "repro"], dvc_repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"train@tiny-nf4-single", "merge@tiny-nf4-single", "evaluate@tiny-nf4-single", "summary"}, out
+    assert ran == {"train@tiny-nf4-single", "merge@tiny-nf4-single", "evaluate@tiny-nf4-single", "report"}, out
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], dvc_repo).stdout)
     changed = {path for path, metrics in diff.items() for m in metrics.values() if m.get("diff")}
     assert "results/metrics/eval/tiny-nf4-single.json" in changed
@@ -234,3 +272,19 @@ def test_snakemake_results_handed_to_dvc(smk_repo):
     sh(["dvc", "commit", "-f", "-q"], smk_repo)
     out = sh(["dvc", "repro"], smk_repo).stdout
     assert "Running stage" not in out
+
+
+def test_dvc_experiment_with_another_lora_rank_diffs_every_variant(dvc_repo):
+    """`dvc exp run -S` over the matrix: every variant retrains, and `dvc metrics diff` between the baseline
+    commit and the experiment lists changed train and eval metrics for each of them."""
+    sh(["git", "checkout", "params.yaml"], dvc_repo)  # the baseline params (an earlier test edited them)
+    sh(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], dvc_repo)
+    diff = json.loads(sh(["dvc", "metrics", "diff", "HEAD", "lora-r4", "--json"], dvc_repo).stdout)
+    for precision in PRECISIONS:
+        for kind in ("train", "eval"):
+            changed = diff[f"results/metrics/{kind}/tiny-{precision}-single.json"]
+            assert any(m.get("diff") for m in changed.values()), (kind, precision)
+        assert diff[f"results/metrics/train/tiny-{precision}-single.json"]["trainable_params"]["new"] < \
+            diff[f"results/metrics/train/tiny-{precision}-single.json"]["trainable_params"]["old"]
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], dvc_repo).stdout)
+    assert "lora-r4" in json.dumps(shown)

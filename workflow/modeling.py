@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import platform
 import resource
 import warnings
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from workflow.cli import StepError
-from workflow.precision import PrecisionPlan
+from workflow.precision import PrecisionPlan, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,66 @@ def load_unquantized(model_dir: str | Path, dtype: torch.dtype, device: str, tru
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes held by parameters and buffers (quantized weights counted at their packed size)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _quant_state_bytes(state) -> int:
+    """Bytes of a 4-bit weight's per-block scales: absmax (itself quantized with double quant), the nested
+    absmax and offset. The fixed lookup tables (`code`: 16 or 256 floats per layer, the same for every layer
+    size) are left out: they are constants, not storage that grows with the parameter count."""
+    total = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "nested", False):
+        total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        total += state.offset.numel() * state.offset.element_size()
+    return total
+
+
+def linear_weight_bits(model: torch.nn.Module) -> dict[str, object]:
+    """Storage of the Linear layers that a k-bit load quantizes (every Linear but the output head), as
+    bits per parameter: nf4 with double quant is 4 + 8/64 + 32/(64*256) ~ 4.127; LLM.int8 is 8 plus one fp32
+    scale per output row; unquantized layers are their dtype's width (16)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    params = storage = 0
+    kinds = set()
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        weight = module.weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = weight.quant_state
+            n = math.prod(state.shape)
+            size = weight.numel() * weight.element_size() + _quant_state_bytes(state)
+            kinds.add(f"{state.quant_type}{'+double_quant' if state.nested else ''}")
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            n = weight.numel()
+            scale = getattr(weight, "SCB", None)
+            size = n * weight.element_size() + (scale.numel() * scale.element_size() if scale is not None else 0)
+            kinds.add("llm.int8")
+        else:
+            n = weight.numel()
+            size = n * weight.element_size()
+            kinds.add(dtype_name(weight.dtype))
+        params, storage = params + n, storage + size
+    return {
+        "linear_params": params,
+        "linear_weight_bytes": storage,
+        "linear_bits_per_param": 8 * storage / params if params else None,
+        "linear_storage": "+".join(sorted(kinds)),
+    }
+
+
+def device_name(device: str) -> str:
+    """The GPU's name on CUDA, the CPU model (from /proc/cpuinfo) otherwise."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()}"
 
 
 def peak_memory(device: str) -> dict[str, object]:

@@ -168,6 +168,18 @@ class Evaluate(_Strict):
     max_eval_rows: int | None = Field(default=None, gt=0)
 
 
+class Generate(_Strict):
+    """Decoding settings for the evaluate step's generations (greedy unless do_sample)."""
+
+    max_new_tokens: int = Field(gt=0)
+    do_sample: bool = False
+    num_beams: int = Field(default=1, gt=0)
+    temperature: float = Field(default=1.0, gt=0)  # used only when do_sample
+    top_p: float = Field(default=1.0, gt=0, le=1)  # used only when do_sample
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+
+
 class Params(_Strict):
     matrix: Matrix
     seed: int
@@ -180,6 +192,7 @@ class Params(_Strict):
     variants: dict[Literal["fp16", "bf16", "int8", "nf4"], VariantOverride] = {}
     merge: Merge
     evaluate: Evaluate
+    generate: Generate
 
     @model_validator(mode="after")
     def _cross_refs(self) -> "Params":

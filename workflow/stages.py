@@ -18,8 +18,8 @@ CODE: dict[str, list[str]] = {
                              "workflow/templates.py"],
     "train": _MODEL + ["workflow/train.py"],
     "merge": _MODEL + ["workflow/merge.py"],
-    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py"],
-    "summary": _COMMON + ["workflow/summary.py"],
+    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py"],
+    "report": _COMMON + ["workflow/report.py"],
 }
 
 # params.yaml keys per step; {model}/{precision} are filled per job (DVC: ${item.model}, ${item.precision}).
@@ -28,8 +28,8 @@ PARAM_KEYS: dict[str, list[str]] = {
     "preprocess": ["seed", "models.{model}", "data"],
     "train": ["seed", "models.{model}", "lora", "train", "variants.{precision}"],
     "merge": ["models.{model}", "merge", "evaluate"],
-    "evaluate": ["models.{model}", "evaluate"],
-    "summary": ["matrix"],
+    "evaluate": ["seed", "models.{model}", "evaluate", "generate"],
+    "report": ["matrix", "models"],
 }
 
 

@@ -4,6 +4,10 @@ Follows the seeds' recipe: LoRA on every linear layer, gradient checkpointing wi
 `enable_input_require_grads`, `use_cache=False`, `prepare_model_for_kbit_training` for int8/nf4, and the
 precision plan from `workflow.precision` (the only place that decides dtypes, quantization and optimizer).
 Checkpoints go to a directory outside the declared outputs so a killed run resumes instead of restarting.
+
+Two metrics files: `--metrics` holds what is deterministic for a given params.yaml (losses, token counts,
+weight storage), `--timing` what varies from run to run (runtime, throughput, peak memory, device), so a
+determinism check compares the first alone. `--live` streams the Trainer's logs through dvclive.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, Train
 
 from workflow import cli
 from workflow.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
-from workflow.modeling import load_base, load_tokenizer, peak_memory, weight_bytes
+from workflow.modeling import device_name, linear_weight_bits, load_base, load_tokenizer, peak_memory, weight_bytes
 from workflow.params import Params, variant_id
 from workflow.precision import resolve_precision
 
@@ -37,6 +41,7 @@ RESUME_MODES = ("auto", "require", "never")
 @dataclass
 class TrainResult:
     metrics: dict
+    timing: dict
     loss_curve: list[dict]
     model: object  # the trained PeftModel, for callers that inspect it (tests)
 
@@ -47,6 +52,43 @@ class LogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         log.info("step %d: %s", state.global_step, {k: round(v, 5) if isinstance(v, float) else v
                                                     for k, v in (logs or {}).items()})
+
+
+LIVE_KEYS = ("loss", "learning_rate", "grad_norm")  # one dvclive plot file each; rules/dvc.yaml list them
+
+
+class LiveCallback(TrainerCallback):
+    """Streams the Trainer's logs to dvclive while training: `<dir>/metrics.json` (latest values) and
+    `<dir>/plots/metrics/train/<key>.tsv` for each of LIVE_KEYS (one row per logging step), which
+    `dvc plots`/`dvc exp show` read.
+
+    Nothing else: no params file, dvc.yaml, report or experiment of its own, so the files written are exactly
+    the declared outputs; `dvc exp run` makes the experiment.
+    """
+
+    def __init__(self, live_dir: Path):
+        from dvclive import Live
+
+        self.live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def _log(self, step: int, logs: dict) -> None:
+        numbers = {k: v for k, v in logs.items() if k in LIVE_KEYS}
+        if not numbers:
+            return
+        self.live.step = step
+        for key, value in numbers.items():
+            self.live.log_metric(f"train/{key}", value)
+        self.live.make_summary()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for entry in state.log_history:  # a resumed run: replay the logs its checkpoint carries
+            self._log(entry["step"], entry)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._log(state.global_step, logs or {})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.live.end()
 
 
 def variant_fingerprint(params: Params, model: str, precision: str, strategy: str, inputs: str = "") -> str:
@@ -191,6 +233,7 @@ def build_lora_model(base, params: Params, plan, gradient_checkpointing: bool):
 def train_variant(
     params: Params, model: str, precision: str, strategy: str, model_dir: Path, data_dir: Path, out: Path,
     resume: str = "auto",
+    live_dir: Path | None = None,
 ) -> TrainResult:
     """Train the variant's adapter into `out`; return its metrics and loss curve.
 
@@ -213,6 +256,7 @@ def train_variant(
     start = resume_point(ckpt_dir, fingerprint, resume)  # before loading the model: a refusal fails fast
     base = load_base(model_dir, plan, entry.trust_remote_code)
     base_bytes = weight_bytes(base)
+    linear_bits = linear_weight_bits(base)
     lora_model = build_lora_model(base, params, plan, targs.gradient_checkpointing)
     trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in lora_model.parameters())
@@ -248,8 +292,9 @@ def train_variant(
         disable_tqdm=True,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    callbacks = [LogCallback()] + ([LiveCallback(live_dir)] if live_dir is not None else [])
     trainer = CheckpointingTrainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
-                                   callbacks=[LogCallback()], fingerprint=fingerprint, resume_from=start)
+                                   callbacks=callbacks, fingerprint=fingerprint, resume_from=start)
     trainer.remove_callback(PrinterCallback)
     tokens_before = read_json(start / "trainer_state.json")["num_input_tokens_seen"] if start else 0
     output = trainer.train(resume_from_checkpoint=str(start) if start else None)
@@ -270,17 +315,22 @@ def train_variant(
         "train_loss_first": curve[0]["loss"] if curve else None,
         "train_loss_last": curve[-1]["loss"] if curve else None,
         "train_loss_mean": trainer.mean_loss(),  # output.training_loss covers this call's steps only
-        "runtime_s": runtime,
         "train_tokens": tokens,
-        "tokens_per_s": (tokens - tokens_before) / runtime if runtime else None,  # this call's share
-        "samples_per_s": output.metrics.get("train_samples_per_second"),
         "weight_footprint_bytes": base_bytes,
+        **linear_bits,
         "trainable_params": trainable,
         "total_params": total,
-        "resumed_from": start.name if start else None,
+    }
+    timing = {
+        "variant": vid,
+        "device_name": device_name(plan.device),
+        "runtime_s": runtime,
+        "tokens_per_s": (tokens - tokens_before) / runtime if runtime else None,  # non-pad tokens, this call's
+        "samples_per_s": output.metrics.get("train_samples_per_second"),
+        "resumed_from": start.name if start else None,  # throughput then covers only the resumed part
         **peak_memory(plan.device),
     }
-    return TrainResult(metrics=metrics, loss_curve=curve, model=lora_model)
+    return TrainResult(metrics=metrics, timing=timing, loss_curve=curve, model=lora_model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,16 +340,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="adapter directory to write")
     p.add_argument("--metrics", required=True, type=Path, help="training metrics JSON to write")
     p.add_argument("--curve", required=True, type=Path, help="loss curve CSV (step,loss) to write")
+    p.add_argument("--timing", required=True, type=Path, help="timing/memory metrics JSON to write")
+    p.add_argument("--live", required=True, type=Path, help="dvclive directory for live training metrics")
     p.add_argument("--resume", choices=RESUME_MODES, default="auto",
                    help="auto (default): resume from the last complete checkpoint made with the same params, "
                         "start over if it is stale; require: resume or fail, never discard; never: start over")
     args = p.parse_args(argv)
     params = cli.load_checked(args)
     result = train_variant(params, args.model, args.precision, args.strategy, args.model_dir, args.data, args.out,
-                           args.resume)
+                           args.resume, live_dir=args.live)
     rows = "".join(f"{r['step']},{r['loss']}\n" for r in result.loss_curve)
     write_text_atomic(args.curve, "step,loss\n" + rows)
     write_json_atomic(args.metrics, result.metrics)
+    write_json_atomic(args.timing, result.timing)
     log.info("wrote %s (loss %s -> %s)", args.out, result.metrics["train_loss_first"], result.metrics["train_loss_last"])
     return 0
 

@@ -1,0 +1,201 @@
+"""Step `report`: the precision comparison, from every variant's train, timing, merge and eval metrics.
+
+Writes into `--out` (results/report/):
+- `summary.csv`: one row per variant (model, template, precision, strategy) with every column below, plus the
+  ratio of each variant to the bf16 row for peak memory, train tokens/s and merged eval loss;
+- `summary.md`: the same rows as three tables (resources, quality, merge) for people;
+- `loss_curves.png` (training loss of all variants), `memory_vs_eval_loss.png`, `tokens_per_s.png`.
+Imports no torch; matplotlib renders off-screen (Agg).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from workflow import cli
+from workflow.io import atomic_dir, read_json
+from workflow.params import Params, variants
+
+PLOTS = ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png")
+REFERENCE = "bf16"  # ratios are relative to this precision's row of the same model and strategy
+
+# (column, source, key, format, table): the columns in order. Sources: the variant itself ("variant"), the
+# train/timing/merge/eval metrics files. Tables of summary.md: resources, quality, merge (the CSV has all).
+COLUMNS = (
+    ("model", "variant", "model", "{}", "all"),
+    ("template", "variant", "template", "{}", "all"),
+    ("precision", "variant", "precision", "{}", "all"),
+    ("strategy", "variant", "strategy", "{}", "all"),
+    ("weights MB", "train", "weight_footprint_bytes", "{:.2f}", "resources"),
+    ("linear bits/param", "train", "linear_bits_per_param", "{:.3f}", "resources"),
+    ("peak mem MB", "timing", "peak_memory_bytes", "{:.0f}", "resources"),
+    ("peak mem kind", "timing", "peak_memory_kind", "{}", "resources"),
+    ("mem x bf16", "ratio", "peak mem MB", "{:.2f}", "resources"),
+    ("train tokens/s", "timing", "tokens_per_s", "{:.0f}", "resources"),
+    ("tokens/s x bf16", "ratio", "train tokens/s", "{:.2f}", "resources"),
+    ("samples/s", "timing", "samples_per_s", "{:.1f}", "resources"),
+    ("train s", "timing", "runtime_s", "{:.1f}", "resources"),
+    ("device", "timing", "device_name", "{}", "resources"),
+    ("train loss first", "train", "train_loss_first", "{:.3f}", "quality"),
+    ("train loss last", "train", "train_loss_last", "{:.3f}", "quality"),
+    ("eval loss base", "eval", "eval_loss_base", "{:.4f}", "quality"),
+    ("eval loss adapter", "eval", "eval_loss_adapter", "{:.4f}", "quality"),
+    ("eval loss merged", "eval", "eval_loss_merged", "{:.4f}", "quality"),
+    ("eval loss x bf16", "ratio", "eval loss merged", "{:.3f}", "quality"),
+    ("ppl merged", "eval", "perplexity_merged", "{:.3f}", "quality"),
+    ("exact match base", "eval", "exact_match_base", "{:.3f}", "quality"),
+    ("exact match adapter", "eval", "exact_match_adapter", "{:.3f}", "quality"),
+    ("exact match merged", "eval", "exact_match_merged", "{:.3f}", "quality"),
+    ("ROUGE-1 merged", "eval", "rouge1_merged", "{:.3f}", "quality"),
+    ("ROUGE-2 merged", "eval", "rouge2_merged", "{:.3f}", "quality"),
+    ("ROUGE-L merged", "eval", "rougeL_merged", "{:.3f}", "quality"),
+    ("BLEU-4 merged", "eval", "bleu4_merged", "{:.3f}", "quality"),
+    ("gen tokens merged", "eval", "avg_gen_tokens_merged", "{:.2f}", "quality"),
+    ("eos-stop base", "eval", "eos_stop_rate_base", "{:.3f}", "quality"),
+    ("eos-stop adapter", "eval", "eos_stop_rate_adapter", "{:.3f}", "quality"),
+    ("eos-stop merged", "eval", "eos_stop_rate_merged", "{:.3f}", "quality"),
+    ("merge check max |dlogit|", "merge", "merge_max_abs_logit_diff", "{:.2e}", "merge"),
+    ("merge tolerance", "merge", "merge_tolerance", "{:.2e}", "merge"),
+    ("trained vs merged max |dlogit|", "eval", "trained_vs_merged_max_abs_logit_diff", "{:.2e}", "merge"),
+    ("trained vs merged loss gap", "eval", "trained_vs_merged_loss_gap", "{:+.4f}", "merge"),
+)
+_MB = {"weight_footprint_bytes", "peak_memory_bytes"}
+TABLES = {
+    "resources": "Resources (timing and memory vary from run to run; the rest is deterministic)",
+    "quality": "Quality (greedy decoding; deterministic for a given params.yaml)",
+    "merge": "Merge: merged model vs base+adapter (merge step) and vs the model as trained (evaluate step)",
+}
+
+
+def _get(metrics: dict, dotted: str):
+    value = metrics
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def collect(params: Params, metrics_dir: Path) -> list[dict]:
+    """One row per variant with raw values, in matrix order, ratios to the bf16 row included."""
+    rows = []
+    for v in variants(params):
+        files = {kind: read_json(metrics_dir / kind / f"{v['id']}.json")
+                 for kind in ("train", "timing", "merge", "eval")}
+        files["variant"] = {**v, "template": params.models[v["model"]].template}
+        row = {"variant": v["id"]}
+        for column, source, key, _, _ in COLUMNS:
+            if source == "ratio":
+                continue
+            value = _get(files[source], key)
+            row[column] = value / 1e6 if key in _MB and value is not None else value
+        rows.append(row)
+    for row in rows:
+        reference = next((r for r in rows if r["model"] == row["model"] and r["strategy"] == row["strategy"]
+                          and r["precision"] == REFERENCE), None)
+        for column, source, key, _, _ in COLUMNS:
+            if source == "ratio":
+                row[column] = ratio(row[key], reference[key]) if reference else None
+    return rows
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """value / reference, or None when either is missing or the reference is 0."""
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def render(rows: list[dict]) -> tuple[str, str]:
+    """The rows as markdown (three tables) and as CSV (every column)."""
+    fmt = {c[0]: c[3] for c in COLUMNS}
+    lines = ["# Precision comparison", ""]
+    for table, title in TABLES.items():
+        head = ["variant"] + [c[0] for c in COLUMNS if c[4] == table]
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            cells = [row["variant"]] + ["-" if row[h] is None else fmt[h].format(row[h]) for h in head[1:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"Ratios (x bf16) divide by the {REFERENCE} row of the same model and strategy. ROUGE and BLEU "
+                 "tokenize by characters (every non-space character is a token).")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["variant"] + [c[0] for c in COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def read_curve(path: Path) -> tuple[list[int], list[float]]:
+    """A loss curve CSV (step,loss) written by the train step."""
+    steps, losses = [], []
+    for record in csv.DictReader(path.read_text(encoding="utf-8").splitlines()):
+        steps.append(int(record["step"]))
+        losses.append(float(record["loss"]))
+    return steps, losses
+
+
+def plot(rows: list[dict], curves_dir: Path, out: Path) -> None:
+    """The three PNGs of the report, into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        steps, losses = read_curve(curves_dir / f"{name}.csv")
+        ax.plot(steps, losses, marker=".", label=name)
+    ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title="Training loss, all variants")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.scatter(row["peak mem MB"], row["eval loss merged"], s=60)
+        ax.annotate(row["variant"], (row["peak mem MB"], row["eval loss merged"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    kinds = sorted({str(r["peak mem kind"]) for r in rows})
+    ax.set(xlabel=f"peak memory during training, MB ({', '.join(kinds)})", ylabel="eval loss, merged model",
+           title="Memory vs quality (lower left is better)")
+    ax.margins(x=0.2, y=0.15)  # room for the labels
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "memory_vs_eval_loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = [r["train tokens/s"] or 0 for r in rows]
+    bars = ax.bar(names, values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    ax.set(ylabel="train tokens/s (non-pad tokens)", title="Training throughput")
+    ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_s.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = cli.parser("report", __doc__, model=False)
+    p.add_argument("--metrics-dir", required=True, type=Path, help="directory with train/, timing/, merge/, eval/")
+    p.add_argument("--curves-dir", required=True, type=Path, help="directory with the loss curve CSVs")
+    p.add_argument("--out", required=True, type=Path, help="report directory to write")
+    args = p.parse_args(argv)
+    params = cli.load_checked(args)
+    rows = collect(params, args.metrics_dir)
+    markdown, table = render(rows)
+    with atomic_dir(args.out) as tmp:
+        (tmp / "summary.md").write_text(markdown, encoding="utf-8")
+        (tmp / "summary.csv").write_text(table, encoding="utf-8")
+        plot(rows, args.curves_dir, tmp)
+    print(markdown, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
