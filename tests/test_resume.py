@@ -33,6 +33,7 @@ def command(workdir: Path, params: Path, model_dir: Path, data_dir: Path, *extra
     return [sys.executable, "-m", "workflow.train", "--params", str(params), "--model", "tiny",
             "--precision", "fp16", "--strategy", "single", "--model-dir", str(model_dir), "--data", str(data_dir),
             "--out", str(workdir / "adapter"), "--metrics", str(workdir / "train.json"),
+            "--timing", str(workdir / "timing.json"), "--live", str(workdir / "live"),
             "--curve", str(workdir / "loss.csv"), *extra]
 
 
@@ -129,7 +130,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_unbroken_run(setup, tmp_path)
     assert f"checkpoint-{last + 1}: incomplete" in proc.stderr and not half.exists()
     metrics = assert_same_result(work, reference)
     assert metrics["resumed_from"] == f"checkpoint-{last}"
-    assert json.loads((reference / "train.json").read_text())["resumed_from"] is None
+    assert json.loads((reference / "timing.json").read_text())["resumed_from"] is None
 
 
 def test_ctrl_c_exits_130_and_the_rerun_resumes(setup, tmp_path):
@@ -173,7 +174,7 @@ def test_stale_checkpoint_is_refused_on_explicit_resume_and_replaced_by_default(
     # The same params again: `require` resumes from the fresh run's own final checkpoint.
     proc = run(work, changed, model_dir, data_dir, extra=("--resume", "require"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((work / "train.json").read_text())["resumed_from"] == "checkpoint-30"
+    assert json.loads((work / "timing.json").read_text())["resumed_from"] == "checkpoint-30"
 
 
 def test_require_without_checkpoints_fails_and_never_starts_over(setup, tmp_path):
@@ -186,7 +187,7 @@ def test_require_without_checkpoints_fails_and_never_starts_over(setup, tmp_path
     shutil.copytree(reference / "results", work / "results", dirs_exist_ok=True)
     proc = run(work, params, model_dir, data_dir, extra=("--resume", "never"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((work / "train.json").read_text())["resumed_from"] is None
+    assert json.loads((work / "timing.json").read_text())["resumed_from"] is None
     assert_same_result(work, reference)
 
 
@@ -213,8 +214,9 @@ def test_snakemake_rerun_incomplete_and_dvc_repro_resume(tmp_path):
     kill_tree_after_checkpoint(["snakemake", "--cores", "1", str(metrics.relative_to(repo))], repo, ENV)
     sh(["snakemake", "--unlock"], repo)  # a SIGKILLed Snakemake leaves its lock behind
     sh(["snakemake", "--cores", "1", "--rerun-incomplete", str(metrics.relative_to(repo))], repo)
+    timing = repo / "results/metrics/timing" / f"{VARIANT}.json"
     resumed = json.loads(metrics.read_text())
-    assert resumed["resumed_from"] and resumed["steps"] == TRAIN["max_steps"]
+    assert json.loads(timing.read_text())["resumed_from"] and resumed["steps"] == TRAIN["max_steps"]
 
     # DVC: the same from scratch (no checkpoints, no train outputs), with the upstream stages recorded.
     for path in (repo / "results/checkpoints", repo / "results/adapters"):
@@ -226,6 +228,6 @@ def test_snakemake_rerun_incomplete_and_dvc_repro_resume(tmp_path):
     out = sh(["dvc", "repro", f"train@{VARIANT}"], repo).stdout
     assert f"Running stage 'train@{VARIANT}'" in out and "Running stage 'download" not in out
     again = json.loads(metrics.read_text())
-    assert again["resumed_from"]
+    assert json.loads(timing.read_text())["resumed_from"]
     quality = {k: v for k, v in resumed.items() if k not in TIMING}
     assert {k: v for k, v in again.items() if k not in TIMING} == quality  # both resumed runs agree
