@@ -38,7 +38,8 @@ def one_line(capsys) -> str:
 def train_argv(params: Path, model_dir: Path, data_dir: Path, precision: str = "bf16") -> list[str]:
     return ["--params", str(params), "--model", "tiny", "--precision", precision, "--strategy", "single",
             "--model-dir", str(model_dir), "--data", str(data_dir), "--out", "results/adapters/x",
-            "--metrics", "results/metrics/train/x.json", "--curve", "results/plots/loss/x.csv"]
+            "--metrics", "results/metrics/train/x.json", "--curve", "results/plots/loss/x.csv",
+            "--timing", "results/metrics/timing/x.json", "--live", "results/live/x"]
 
 
 # --- params.yaml ---------------------------------------------------------------------------------------------
