@@ -45,7 +45,7 @@ def merge_variant(
     entry = params.models[model]
     plan = resolve_precision(precision)
     dtype = plan.load_dtype
-    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
     base = load_unquantized(model_dir, dtype, plan.device, entry.trust_remote_code)
     lora = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     batches = eval_batches(data_dir, tokenizer, params.evaluate.per_device_eval_batch_size)[: params.merge.check_batches]
