@@ -51,6 +51,16 @@ def prepare_tokenizer(tokenizer, template: Template):
     return tokenizer
 
 
+def batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of `texts` without special tokens, in one call: on a fast tokenizer straight from its Rust
+    backend (no offsets, no per-text Python conversion), else through the tokenizer's own __call__."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode_batch(texts, add_special_tokens=False)]
+
+
 def conversation_parts(row: dict, template: Template, last_turn_only: bool = False) -> list[tuple]:
     """The row as (part, fields, labelled) triples: the plan `encode` turns into ids; -1 marks the reply."""
     turns = [(user_fields(u), a) for u, a in row.get("history") or ()]
@@ -100,7 +110,7 @@ def encode(rows: Sequence[dict], tokenizer, template: Template, last_turn_only: 
                 texts.append(render_part(part, fields))
                 plan.append((len(texts) - 1, labelled))
         plans.append(plan)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encoded = batch_ids(tokenizer, texts) if texts else []
     out = []
     for plan in plans:
         ids: list[int] = []
