@@ -63,8 +63,8 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     return {"min": s[0], "mean": round(sum(s) / len(s), 2), "p50": rank(0.5), "p95": rank(0.95), "max": s[-1]}
 
 
-def _tokenize_split(part, tokenizer, template, data, bad: BadRows) -> tuple[dict, list[int]]:
-    """Tokenize one split's (number, row) pairs; over-long drops go to `bad`; return columns and truncated."""
+def _tokenize_split(part, tokenizer, template, data, bad: BadRows) -> tuple[dict, dict]:
+    """Tokenize one split's (number, row) pairs; over-long drops go to `bad`; return columns and outcome."""
     columns, outcome = tokenize_rows([r for _, r in part], tokenizer, template, data.max_length,
                                      data.overlong, data.last_turn_only)
     for i in outcome["too_long"]:
