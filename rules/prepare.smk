@@ -26,6 +26,7 @@ rule preprocess:
         model=rules.download.output.model,
     output:
         data=directory("results/data/{model}"),
+        report="results/metrics/data/{model}.json",
     params:
         values=lambda w: param_values(config, "preprocess", model=w.model),
     log:
@@ -34,4 +35,4 @@ rule preprocess:
         "../envs/lowprec.yaml"
     shell:
         "python -m workflow.preprocess --params params.yaml --model {wildcards.model} --model-dir {input.model}"
-        " --out {output.data} 2> {log}"
+        " --out {output.data} --report {output.report} 2> {log}"

@@ -49,3 +49,25 @@ def tiny_data_dir(builtin_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     preprocess(load_params(ROOT / "params.yaml"), "tiny", builtin_model_dir, out)
     return out
+
+
+# ChatML as Qwen's tokenizer_config ships it (written here for the builtin tokenizer): what the `qwen`
+# template must reproduce id for id (tests/test_templates.py).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer_dir(tmp_path_factory) -> Path:
+    """The default builtin model's tokenizer alone (seconds: no pre-training), with a ChatML chat_template."""
+    from workflow.builtin import train_tokenizer
+    from workflow.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    tok = train_tokenizer(params.builtin["tiny-llama"], params.seed)
+    tok.chat_template = CHATML
+    out = tmp_path_factory.mktemp("builtin_tok")
+    tok.save_pretrained(out)
+    return out

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from workflow import cli, tasks
-from workflow.params import load_params
+from workflow.params import Columns, load_params
 from workflow.preprocess import load_rows, main, preprocess, split_rows
 from workflow.templates import get_template
-from workflow.tokenize import ensure_pad_token, tokenize_rows
+from workflow.tokenize import prepare_tokenizer, tokenize_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = get_template("human_assistant")
@@ -90,6 +90,8 @@ def _reference(rows, tokenizer, max_length):
         ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.eos_token_id]
         mask = instruction["attention_mask"] + response["attention_mask"] + [1]
         labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.eos_token_id]
+        if all(x == -100 for x in labels[:max_length]):
+            continue  # nothing left to learn: dropped
         out["input_ids"].append(ids[:max_length])
         out["attention_mask"].append(mask[:max_length])
         out["labels"].append(labels[:max_length])
@@ -113,9 +115,9 @@ def test_decoded_text_matches_seed_prompt(tokenizer):
 
 
 def test_eos_is_last_id_label_and_attended(tokenizer):
-    cols, counts = tokenize_rows(_rows(), tokenizer, TEMPLATE, max_length=10_000)
+    cols, outcome = tokenize_rows(_rows(), tokenizer, TEMPLATE, max_length=10_000)
     eos = tokenizer.eos_token_id
-    assert counts == {"truncated": 0, "eos_truncated": 0, "no_labels": 0}
+    assert outcome["kept"] == list(range(len(_rows()))) and outcome["truncated"] == outcome["too_long"] == []
     for ids, mask, labels in zip(cols["input_ids"], cols["attention_mask"], cols["labels"]):
         assert ids[-1] == eos and labels[-1] == eos and mask[-1] == 1
         assert len(ids) == len(mask) == len(labels) and set(mask) == {1}
@@ -137,16 +139,18 @@ def test_truncation_cuts_from_end_and_counts_eos_losses(tokenizer):
     rows = _rows()
     full, _ = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=10_000)
     max_length = 20
-    cols, counts = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=max_length)
+    cols, outcome = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=max_length)
     long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
     assert long, "the test rows must include some longer than max_length"
-    assert counts["truncated"] == counts["eos_truncated"] == len(long)
-    assert counts["no_labels"] == sum(all(x == -100 for x in full["labels"][i][:max_length]) for i in long)
-    assert counts["no_labels"] > 0  # the long-input edge row's prompt alone fills max_length
-    for i, (ids, labels) in enumerate(zip(cols["input_ids"], cols["labels"])):
+    empty = [i for i in long if all(x == -100 for x in full["labels"][i][:max_length])]
+    assert empty  # the long-input edge row's prompt alone fills max_length: dropped, nothing to learn
+    assert outcome["too_long"] == empty
+    assert outcome["truncated"] == outcome["eos_truncated"] == [i for i in long if i not in empty]
+    assert outcome["kept"] == [i for i in range(len(rows)) if i not in empty]
+    for k, (ids, labels) in zip(outcome["kept"], zip(cols["input_ids"], cols["labels"])):
         assert len(ids) <= max_length
-        assert ids == full["input_ids"][i][:max_length] and labels == full["labels"][i][:max_length]
-        assert (ids[-1] == tokenizer.eos_token_id) == (i not in long)
+        assert ids == full["input_ids"][k][:max_length] and labels == full["labels"][k][:max_length]
+        assert (ids[-1] == tokenizer.eos_token_id) == (k not in long)
 
 
 @pytest.mark.parametrize("max_length", [10_000, 24, 9])
@@ -157,20 +161,20 @@ def test_batched_equals_per_example_reference(tokenizer, max_length):
 
 
 def test_empty_rows(tokenizer):
-    cols, counts = tokenize_rows([], tokenizer, TEMPLATE, 96)
-    assert cols == {"input_ids": [], "attention_mask": [], "labels": []} and counts["truncated"] == 0
+    cols, outcome = tokenize_rows([], tokenizer, TEMPLATE, 96)
+    assert cols == {"input_ids": [], "attention_mask": [], "labels": []} and outcome["kept"] == []
 
 
-def test_ensure_pad_token(tmp_path, tokenizer):
+def test_prepare_tokenizer_pad(tmp_path, tokenizer):
     from transformers import AutoTokenizer
 
     no_pad = AutoTokenizer.from_pretrained(_train_tokenizer(tmp_path / "nopad", pad=False))
     assert no_pad.pad_token is None
-    ensure_pad_token(no_pad)
+    prepare_tokenizer(no_pad, TEMPLATE)
     assert no_pad.pad_token == "</s>" and no_pad.pad_token_id == no_pad.eos_token_id
     assert no_pad.padding_side == "right"
     tokenizer.padding_side = "left"
-    ensure_pad_token(tokenizer)  # has its own pad: kept
+    prepare_tokenizer(tokenizer, TEMPLATE)  # has its own pad: kept
     assert tokenizer.pad_token == "<pad>" and tokenizer.padding_side == "right"
 
 
@@ -208,15 +212,21 @@ def test_preprocess_split_deterministic(tmp_path, params, bpe_tokenizer_dir):
 
 
 def _write_formats(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
+    import csv
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import Dataset, DatasetDict
 
-    paths = {k: tmp_path / f"rows.{k}" for k in ("json", "jsonl", "parquet")}
+    paths = {k: tmp_path / f"rows.{k}" for k in ("json", "jsonl", "parquet", "csv")}
     paths["json"].write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     paths["jsonl"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n",
                               encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(records), paths["parquet"])
+    with paths["csv"].open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
+        writer.writeheader()
+        writer.writerows(records)
     paths["dataset"] = tmp_path / "ds"
     Dataset.from_list(records).save_to_disk(str(paths["dataset"]))
     paths["datasetdict"] = tmp_path / "dsd"
@@ -225,31 +235,42 @@ def _write_formats(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
     return paths
 
 
+def _clean(row: dict) -> dict:
+    return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"],
+            "system": "", "history": []}
+
+
 def test_every_format_loads_the_same_rows(tmp_path, params):
     rows = tasks.alpaca_rows(12, 3)
     records = [dict(r) for r in rows]
     records[4] = {"instruction": records[4]["instruction"], "output": records[4]["output"], "extra": 1}
     records[5]["output"] = "line\u2028separator\r\nand crlf"  # raw in JSONL: must not split the line
-    expected = [dict(r) for r in records]
-    expected[4] = {"instruction": records[4]["instruction"], "input": "", "output": records[4]["output"]}
+    expected = [_clean(r) for r in records]
     for kind, path in _write_formats(tmp_path, records).items():
-        assert load_rows(_with_data(params, source=str(path))) == expected, kind
+        got, bad, read = load_rows(_with_data(params, source=str(path)))
+        assert [r for _, r in got] == expected and bad.count == 0 and read == 12, kind
+
+
+def test_column_mapping(tmp_path, params):
+    records = [{"q": "Say hi.", "ctx": "", "a": "hi", "sys": "Be brief.", "turns": [["Hello", "Hi!"]]}] * 3
+    path = _write(tmp_path / "mapped.json", json.dumps(records))
+    columns = {"instruction": "q", "input": "ctx", "output": "a", "system": "sys", "history": "turns"}
+    got, bad, _ = load_rows(_with_data(params, source=str(path), columns=Columns(**columns)))
+    assert [r for _, r in got] == [{"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be brief.",
+                                    "history": [["Hello", "Hi!"]]}] * 3
+    with pytest.raises(cli.StepError, match="no usable rows, all 3 dropped .*instruction_missing: 3.*data.columns"):
+        load_rows(_with_data(params, source=str(path)))  # default names: no `instruction` column
 
 
 def test_builtin_rows(params):
-    assert load_rows(params) == tasks.alpaca_rows(120, params.seed)
+    got, bad, read = load_rows(params)
+    assert [r for _, r in got] == [_clean(r) for r in tasks.alpaca_rows(120, params.seed)] and read == 120
 
 
 def _bad_sources(tmp_path: Path) -> list[tuple[str, Path, str]]:
-    ok = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    """Sources that fail as a whole (no row-level judgement possible)."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    bad_line = tmp_path / "bad.jsonl"
-    bad_line.write_text("\n".join([json.dumps(ok), json.dumps(ok), "{not json", json.dumps(ok)]) + "\n")
-    no_output = tmp_path / "no_output.json"
-    no_output.write_text(json.dumps([ok, {"instruction": "Say bye.", "input": ""}, ok]))
-    no_output_l = tmp_path / "no_output.jsonl"
-    no_output_l.write_text("\n".join(json.dumps(r) for r in [ok, {"instruction": "Say bye."}]) + "\n")
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"instruction": "caf\u00e9", "output": "x"}'.encode("latin-1"))
     not_json = tmp_path / "prose.json"
@@ -257,13 +278,12 @@ def _bad_sources(tmp_path: Path) -> list[tuple[str, Path, str]]:
     return [
         ("missing", tmp_path / "nope.json", "data file not found"),
         ("empty", empty, "file is empty"),
-        ("jsonl line 3", bad_line, "line 3: not valid JSON"),
-        ("row 2 no output", no_output, "row 2: `output` is missing"),
-        ("jsonl line 2 no output", no_output_l, "line 2: `output` is missing"),
         ("not json", not_json, "not valid JSON (line 1)"),
         ("not utf-8", latin1, "not UTF-8 text"),
         ("empty array", _write(tmp_path / "none.json", "[]"), "no rows"),
+        ("all rows bad", _write(tmp_path / "allbad.jsonl", "{x\n[1]\n"), "no usable rows, all 2 dropped"),
         ("not a dataset dir", _mkdir(tmp_path / "somedir"), "not a `datasets` save_to_disk"),
+        ("unknown suffix", _write(tmp_path / "rows.txt", "hi"), "unsupported data format '.txt'"),
     ]
 
 
@@ -309,9 +329,9 @@ def test_failed_cli_run_leaves_no_output(tmp_path, capsys, bpe_tokenizer_dir):
 def test_failure_while_writing_leaves_no_output(tmp_path, params):
     no_eos = _train_tokenizer(tmp_path / "noeos", eos=False)
     out = tmp_path / "data" / "tiny"
-    with pytest.raises(ValueError, match="no eos token"):
+    with pytest.raises(ValueError, match="has no eos token, which template 'human_assistant' needs"):
         preprocess(params, "tiny", no_eos, out)
-    assert not out.exists() and os.listdir(out.parent) == []
+    assert not out.exists() and (not out.parent.exists() or os.listdir(out.parent) == [])
 
 
 def test_missing_model_dir(tmp_path, params):
@@ -323,14 +343,21 @@ def test_missing_model_dir(tmp_path, params):
 
 
 def test_report(tmp_path, params, bpe_tokenizer_dir):
-    report = preprocess(_with_data(params, max_length=24), "tiny", bpe_tokenizer_dir, tmp_path / "out")
+    report_path = tmp_path / "metrics" / "data" / "tiny.json"
+    report = preprocess(_with_data(params, max_length=40), "tiny", bpe_tokenizer_dir, tmp_path / "out", report_path)
     assert report == json.loads((tmp_path / "out" / "report.json").read_text())
-    assert (report["rows_read"], report["train_rows"], report["eval_rows"]) == (120, 100, 20)
-    assert report["template"] == "human_assistant" and report["max_length"] == 24
+    assert report == json.loads(report_path.read_text())
+    dropped = report["dropped"]["too_long"]  # prompts of 41+ tokens: nothing of the reply would be left
+    assert report["rows_read"] == 120 and report["rows_dropped"] == dropped["count"] > 0
+    assert report["rows_kept"] == report["train_rows"] + report["eval_rows"] == 120 - dropped["count"]
+    assert len(dropped["first_rows"]) == min(5, dropped["count"]) and all(1 <= n <= 120 for n in dropped["first_rows"])
+    assert report["template"] == "human_assistant" and report["max_length"] == 40
     assert report["examples_truncated"] == report["examples_eos_truncated"] > 0
+    assert len(report["truncated_first_rows"]) == 5 and "lost their stop token" in report["warnings"][0]
+    assert "bad rows dropped (too_long:" in report["warnings"][1]
     for split in ("train", "eval"):
         s = report["token_length"][split]
-        assert s["min"] <= s["p50"] <= s["p95"] <= s["max"] <= 24 and s["min"] <= s["mean"] <= s["max"]
+        assert s["min"] <= s["p50"] <= s["p95"] <= s["max"] <= 40 and s["min"] <= s["mean"] <= s["max"]
 
 
 def test_cli_end_to_end(tmp_path, bpe_tokenizer_dir):
@@ -352,12 +379,9 @@ def test_cli_end_to_end(tmp_path, bpe_tokenizer_dir):
     assert report["train_rows"] == 52 and report["examples_eos_truncated"] == 0
 
 
-def test_builtin_model_tokenizer(request, tmp_path, params):
-    """On the builtin tiny model's own tokenizer, once tests/conftest.py provides it."""
-    try:
-        model_dir = request.getfixturevalue("builtin_model_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("builtin_model_dir fixture not available yet")
+def test_builtin_model_tokenizer(builtin_model_dir, tmp_path, params):
+    """On the builtin tiny model's own tokenizer."""
+    model_dir = builtin_model_dir
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 

@@ -29,11 +29,11 @@ VOCAB_MULTIPLE = 64  # bitsandbytes' CPU 4-bit kernels need every Linear dim to 
 
 
 def tokenizer_corpus(spec: BuiltinModel, seed: int) -> list[str]:
-    """Corpus sentences plus every template's rendered prompts/responses (template words get merges)."""
+    """Corpus sentences plus the default template's rendered prompts/responses (its words get merges)."""
     texts = tasks.corpus_texts(spec.corpus_size, seed)
     rows = tasks.alpaca_rows(max(spec.corpus_size // 4, len(tasks.TASKS)), seed)  # a quarter: enough for merges
-    for template in TEMPLATES.values():
-        texts += [render_prompt(template, r["instruction"], r["input"]) + r["output"] for r in rows]
+    template = TEMPLATES["human_assistant"]  # the default's format; other templates' text is common words
+    texts += [render_prompt(template, r["instruction"], r["input"]) + r["output"] for r in rows]
     return texts
 
 

@@ -106,7 +106,7 @@ def evaluate_variant(
     set_seed(params.seed)  # only sampling (generate.do_sample) draws random numbers
     entry = params.models[model]
     plan = resolve_precision(precision)
-    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
     ev = params.evaluate
     batches = eval_batches(data_dir, tokenizer, ev.per_device_eval_batch_size, ev.max_eval_rows)
     pairs = prompts_and_references(batches, tokenizer.eos_token_id)

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from workflow.cli import StepError
 from workflow.precision import PrecisionPlan, dtype_name
+from workflow.templates import get_template
+from workflow.tokenize import prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +23,11 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
-def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
-    """The model's tokenizer with the seeds' training settings: right padding, pad = eos if unset."""
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False, template: str = "human_assistant"):
+    """The model's tokenizer with the seeds' training settings: right padding, the template's pad (else
+    the tokenizer's, else eos); see `workflow.tokenize.prepare_tokenizer`."""
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # left padding makes fp16 training diverge (seeds 000 §2.10)
-    return tok
+    return prepare_tokenizer(tok, get_template(template))
 
 
 def load_base(model_dir: str | Path, plan: PrecisionPlan, trust_remote_code: bool = False) -> PreTrainedModel:

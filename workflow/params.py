@@ -108,11 +108,25 @@ class Download(_Strict):
         return str(Path(v).expanduser())  # "~/.cache/..." works as users expect
 
 
+class Columns(_Strict):
+    """Which column of the data holds each alpaca field."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"
+    history: str = "history"
+
+
 class Data(_Strict):
     source: str
     builtin_rows: int = Field(gt=0)
     eval_size: int = Field(gt=0)
     max_length: int = Field(gt=8)
+    columns: Columns = Columns()
+    strict: bool = False  # True: the first bad row fails the step instead of being dropped and reported
+    overlong: Literal["drop", "truncate_prompt", "truncate_end"] = "truncate_end"
+    last_turn_only: bool = False  # multi-turn rows: train on the last reply only (default: every reply)
 
 
 class Lora(_Strict):

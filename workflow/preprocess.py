@@ -1,7 +1,8 @@
 """Step preprocess: load alpaca rows, split train/eval with the seed, tokenize them for one model.
 
 Writes <out>/train and <out>/eval (`datasets` saved to disk: input_ids, attention_mask, labels) and
-<out>/report.json; with `data.source: builtin:tasks` also <out>/raw.jsonl, the generated rows.
+<out>/report.json (rows read/kept/dropped per reason, truncation, token lengths; also written to --report,
+the metric DVC tracks); with `data.source: builtin:tasks` also <out>/raw.jsonl, the generated rows.
 """
 
 from __future__ import annotations
@@ -14,120 +15,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from workflow import cli, tasks
+from workflow.data import FIRST_ROWS, BadRows, judge_rows, position_unit, read_source
 from workflow.io import atomic_dir, write_json_atomic
 from workflow.params import Params
 from workflow.templates import get_template
-from workflow.tokenize import tokenize_rows
+from workflow.tokenize import prepare_tokenizer, tokenize_rows
 
 log = logging.getLogger("workflow.preprocess")
 
 BUILTIN_SOURCE = "builtin:tasks"
-FORMATS = ".json, .jsonl, .parquet or a `datasets` directory"
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise cli.StepError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
-
-
-def _read_json(path: Path) -> list:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise cli.StepError(f"{path}: not valid JSON (line {exc.lineno}); fix it or use {FORMATS}") from None
-    if not isinstance(data, list):
-        raise cli.StepError(f"{path}: must hold a JSON array of row objects, found {type(data).__name__}")
-    return data
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, object]]:
-    rows = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines(): U+2028 may sit raw in JSON
-        if not line.strip():
-            continue  # blank lines (e.g. a trailing one) are not rows
-        try:
-            rows.append((lineno, json.loads(line)))
-        except json.JSONDecodeError:
-            raise cli.StepError(f"{path}: line {lineno}: not valid JSON; fix or delete that line") from None
-    return rows
-
-
-def _read_parquet(path: Path) -> list:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise cli.StepError(f"{path}: not a readable parquet file ({exc.__class__.__name__})") from None
-
-
-def _read_datasets_dir(path: Path) -> list:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        data = load_from_disk(str(path))
-    except FileNotFoundError:
-        raise cli.StepError(f"{path}: a directory but not a `datasets` save_to_disk; use {FORMATS}") from None
-    if isinstance(data, DatasetDict):
-        if "train" not in data:
-            raise cli.StepError(f"{path}: DatasetDict has no 'train' split (has {', '.join(data)})")
-        data = data["train"]
-    return data.to_list()
-
-
-def read_source(source: str) -> list[tuple[int, object]]:
-    """The raw records of a user data source as (line or row number, record); one-line errors."""
-    path = Path(source)  # relative paths are relative to the working directory, i.e. the project root
-    if not path.exists():
-        raise cli.StepError(f"{path}: data file not found; fix data.source in params.yaml")
-    if path.is_dir():
-        return list(enumerate(_read_datasets_dir(path), 1))
-    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise cli.StepError(f"{path}: unsupported data format '{path.suffix}'; use {FORMATS}")
-    if path.stat().st_size == 0:
-        raise cli.StepError(f"{path}: file is empty; point data.source at a file with rows")
-    records = reader(path)
-    return records if reader is _read_jsonl else list(enumerate(records, 1))
-
-
-def validate_rows(records: list[tuple[int, object]], origin: str, unit: str = "row") -> list[dict[str, str]]:
-    """Check every (number, record) is an alpaca row; return clean {instruction, input, output} dicts.
-
-    The one place rows are judged (dropping and reporting bad rows will grow here). `unit` names the
-    position in errors: "line" for JSONL, "row" otherwise; numbers are 1-based.
-    """
-    if not records:
-        raise cli.StepError(f"{origin}: no rows; point data.source at data with instruction/output rows")
-    rows = []
-    for i, rec in records:
-        where = f"{origin}: {unit} {i}"
-        if not isinstance(rec, dict):
-            kind = type(rec).__name__
-            raise cli.StepError(f"{where}: expected an object with instruction/input/output, got {kind}")
-        instruction, input_text, output = rec.get("instruction"), rec.get("input"), rec.get("output")
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise cli.StepError(f"{where}: `instruction` is missing or empty; fill it in or remove the row")
-        if not isinstance(output, str):
-            raise cli.StepError(f"{where}: `output` is missing or not text; fill it in or remove the row")
-        if input_text is not None and not isinstance(input_text, str):
-            raise cli.StepError(f"{where}: `input` must be text (or absent); fix the row")
-        rows.append({"instruction": instruction, "input": input_text or "", "output": output})
-    return rows
-
-
-def load_rows(params: Params) -> list[dict[str, str]]:
-    """The validated alpaca rows named by `data.source`."""
+def load_rows(params: Params) -> tuple[list[tuple[int, dict]], BadRows, int]:
+    """The good rows named by `data.source` as (row/line number, row), the bad-row tally, rows read."""
     source = params.data.source
     if source == BUILTIN_SOURCE:
-        return validate_rows(list(enumerate(tasks.alpaca_rows(params.data.builtin_rows, params.seed), 1)), source)
-    if source.startswith("builtin:"):
+        records = list(enumerate(tasks.alpaca_rows(params.data.builtin_rows, params.seed), 1))
+    elif source.startswith("builtin:"):
         raise cli.StepError(f"data.source: unknown builtin '{source}'; use {BUILTIN_SOURCE} or a file path")
-    unit = "line" if Path(source).suffix.lower() == ".jsonl" else "row"
-    return validate_rows(read_source(source), source, unit)
+    else:
+        records = read_source(source)
+    bad = BadRows(source, position_unit(source), params.data.strict)
+    if not records:
+        raise cli.StepError(f"{source}: no rows; point data.source at data with instruction/output rows")
+    rows = judge_rows(records, params.data.columns.model_dump(), bad)
+    if not rows:
+        raise cli.StepError(f"{source}: no usable rows, all {len(records)} dropped ({bad.summary()}); check "
+                            "data.columns against the file's column names")
+    return rows, bad, len(records)
 
 
 def split_rows(rows: list, eval_size: int, seed: int) -> tuple[list, list]:
@@ -148,42 +63,73 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     return {"min": s[0], "mean": round(sum(s) / len(s), 2), "p50": rank(0.5), "p95": rank(0.95), "max": s[-1]}
 
 
-def preprocess(params: Params, model_key: str, model_dir: str | Path, out: str | Path) -> dict:
-    """Run the step for `model_key`; write `out` atomically and return its report."""
+def _tokenize_split(part, tokenizer, template, data, bad: BadRows) -> tuple[dict, dict]:
+    """Tokenize one split's (number, row) pairs; over-long drops go to `bad`; return columns and outcome."""
+    columns, outcome = tokenize_rows([r for _, r in part], tokenizer, template, data.max_length,
+                                     data.overlong, data.last_turn_only)
+    for i in outcome["too_long"]:
+        bad.add("too_long", part[i][0])
+    return columns, outcome
+
+
+def preprocess(params: Params, model_key: str, model_dir: str | Path, out: str | Path,
+               report_path: str | Path | None = None) -> dict:
+    """Run the step for `model_key`; write `out` (and the report to `report_path`) atomically; return it."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     entry = params.models[model_key]
     template = get_template(entry.template)
+    data = params.data
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise cli.StepError(f"{model_dir}: model directory not found; run the download step for '{model_key}'")
-    rows = load_rows(params)
-    train_rows, eval_rows = split_rows(rows, params.data.eval_size, params.seed)
+    rows, bad, rows_read = load_rows(params)
+    train_rows, eval_rows = split_rows(rows, data.eval_size, params.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=entry.trust_remote_code)
-    max_length = params.data.max_length
+    prepare_tokenizer(tokenizer, template)
     report: dict = {
-        "model": model_key, "source": params.data.source, "seed": params.seed, "template": template.name,
-        "max_length": max_length, "rows_read": len(rows), "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows), "examples_truncated": 0, "examples_eos_truncated": 0,
-        "examples_without_labels": 0, "token_length": {},
+        "model": model_key, "source": data.source, "seed": params.seed, "template": template.name,
+        "max_length": data.max_length, "overlong": data.overlong, "last_turn_only": data.last_turn_only,
+        "rows_read": rows_read, "position_unit": bad.unit, "examples_truncated": 0,
+        "examples_eos_truncated": 0, "truncated_first_rows": [], "token_length": {}, "warnings": [],
     }
+    splits = {}
+    for split, part in (("train", train_rows), ("eval", eval_rows)):
+        columns, outcome = _tokenize_split(part, tokenizer, template, data, bad)
+        if not columns["input_ids"]:
+            raise cli.StepError(f"{data.source}: every {split} row was dropped ({bad.summary()}); see "
+                                "data.max_length / data.overlong")
+        splits[split] = columns
+        report[f"{split}_rows"] = len(columns["input_ids"])
+        report["examples_truncated"] += len(outcome["truncated"])
+        report["examples_eos_truncated"] += len(outcome["eos_truncated"])
+        report["truncated_first_rows"] += [part[i][0] for i in outcome["truncated"][:FIRST_ROWS]]
+        report["token_length"][split] = length_stats([len(x) for x in columns["input_ids"]])
+    report["truncated_first_rows"] = sorted(report["truncated_first_rows"])[:FIRST_ROWS]
+    report["rows_kept"] = report["train_rows"] + report["eval_rows"]
+    report["rows_dropped"] = bad.count
+    report["dropped"] = bad.dropped
+    if report["examples_eos_truncated"]:
+        report["warnings"].append(
+            f"{report['examples_eos_truncated']} examples exceed data.max_length={data.max_length} and lost "
+            "their stop token (overlong: truncate_end); the model will not learn to stop on them")
+    if bad.count:
+        report["warnings"].append(f"{bad.count} bad rows dropped ({bad.summary()}); data.strict: true fails instead")
     with atomic_dir(out) as tmp:
-        for split, part in (("train", train_rows), ("eval", eval_rows)):
-            columns, counts = tokenize_rows(part, tokenizer, template, max_length)
+        for split, columns in splits.items():
             Dataset.from_dict(columns).save_to_disk(str(tmp / split))
-            report["examples_truncated"] += counts["truncated"]
-            report["examples_eos_truncated"] += counts["eos_truncated"]
-            report["examples_without_labels"] += counts["no_labels"]
-            report["token_length"][split] = length_stats([len(x) for x in columns["input_ids"]])
-        if params.data.source == BUILTIN_SOURCE:  # let users see the generated data
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if data.source == BUILTIN_SOURCE:  # let users see the generated data
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                           for r in tasks.alpaca_rows(data.builtin_rows, params.seed))
             (tmp / "raw.jsonl").write_text(text, encoding="utf-8")
         write_json_atomic(tmp / "report.json", report)
-    if report["examples_eos_truncated"]:
-        log.warning("%d examples exceed data.max_length=%d and lost their eos; the model will not learn to "
-                    "stop on them", report["examples_eos_truncated"], max_length)
-    log.info("preprocess %s: %d train / %d eval rows -> %s", model_key, len(train_rows), len(eval_rows), out)
+    if report_path is not None:
+        write_json_atomic(report_path, report)
+    for warning in report["warnings"]:
+        log.warning("%s", warning)
+    log.info("preprocess %s: %d train / %d eval rows -> %s", model_key, report["train_rows"],
+             report["eval_rows"], out)
     return report
 
 
@@ -191,12 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser("preprocess", __doc__)
     p.add_argument("--model-dir", required=True, help="the downloaded model, e.g. results/models/<key>")
     p.add_argument("--out", required=True, help="output directory, e.g. results/data/<key>")
+    p.add_argument("--report", help="also write the data report here (a metric), e.g. results/metrics/data/<key>.json")
     args = p.parse_args(argv)
     params = cli.load_checked(args)
     import datasets
 
     datasets.disable_progress_bars()  # save_to_disk's bars would only clutter the step's log file
-    preprocess(params, args.model, args.model_dir, args.out)
+    preprocess(params, args.model, args.model_dir, args.out, args.report)
     return 0
 
 

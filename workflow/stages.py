@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 
 _COMMON = ["workflow/cli.py", "workflow/io.py", "workflow/params.py"]
-_MODEL = _COMMON + ["workflow/modeling.py", "workflow/precision.py"]
+_MODEL = _COMMON + ["workflow/modeling.py", "workflow/precision.py", "workflow/templates.py",
+                    "workflow/tokenize.py"]  # the template sets the tokenizer's pad
 
 CODE: dict[str, list[str]] = {
     "download": _COMMON + ["workflow/download.py", "workflow/builtin.py", "workflow/tasks.py",
                            "workflow/templates.py"],
-    "preprocess": _COMMON + ["workflow/preprocess.py", "workflow/tokenize.py", "workflow/tasks.py",
-                             "workflow/templates.py"],
+    "preprocess": _COMMON + ["workflow/preprocess.py", "workflow/data.py", "workflow/tokenize.py",
+                             "workflow/tasks.py", "workflow/templates.py"],
     "train": _MODEL + ["workflow/train.py"],
     "merge": _MODEL + ["workflow/merge.py"],
     "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py"],

@@ -246,7 +246,7 @@ def train_variant(
     log.info("variant %s: %s", vid, plan.describe())
     set_seed(params.seed)
 
-    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
     try:
         train_ds = load_from_disk(str(Path(data_dir) / "train"))
     except FileNotFoundError:
