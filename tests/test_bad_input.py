@@ -83,7 +83,7 @@ def test_bad_params_fail_every_step_with_the_key_named(raw, expected, tmp_path, 
     ("empty.json", "", "inputs/empty.json: file is empty; point data.source at a file with rows"),
     ("broken.json", "[{\"instruction\": ", "inputs/broken.json: not valid JSON (line 1); fix it or use"),
     ("rows.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
-     "inputs/rows.jsonl: line 2: `output` is missing or not text; fill it in or remove the row"),
+     "inputs/rows.jsonl: line 2: `output` is missing or empty; fill it in or remove the row"),
     ("rows.json", '[{"input": "x", "output": "y"}]',
      "inputs/rows.json: row 1: `instruction` is missing or empty; fill it in or remove the row"),
 ])
@@ -91,7 +91,8 @@ def test_bad_data_file(name, content, expected, builtin_model_dir, tmp_path):
     (tmp_path / "inputs").mkdir()
     if content is not None:
         (tmp_path / "inputs" / name).write_text(content)
-    params = params_with(tmp_path, data={"source": f"inputs/{name}"})
+    # strict: a bad row fails the step (by default it is dropped and counted in the data report: test_data.py)
+    params = params_with(tmp_path, data={"source": f"inputs/{name}", "strict": True})
     proc = subprocess.run([sys.executable, "-m", "workflow.preprocess", "--params", str(params), "--model", "tiny",
                            "--model-dir", str(builtin_model_dir), "--out", "results/data/tiny"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)

@@ -49,7 +49,7 @@ def test_template_runs_through_the_dag(template, builtin_model_dir, tmp_path, mo
     merge = merge_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter", data_dir,
                           tmp_path / "merged")
     assert merge["merge_max_abs_logit_diff"] <= merge["merge_tolerance"]
-    ev = evaluate_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter",
+    ev, _ = evaluate_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter",
                           tmp_path / "merged", data_dir)
     assert ev["eval_rows"] == 32
     assert ev["eval_loss_adapter"] < 0.5 * ev["eval_loss_base"]  # it learned the template, stop token included
