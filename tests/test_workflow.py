@@ -6,6 +6,7 @@ The end-to-end tests copy the project into a temporary git repository with a sma
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
