@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from workflow import cli, download
+from workflow import cli
 from workflow.download import download_model, main
 from workflow.params import ParamsError, load_params
 
