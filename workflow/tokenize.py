@@ -8,6 +8,8 @@ text parts are tokenized without special tokens, every variable text of a batch 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import Sequence
 
 from workflow.templates import BOS, EOS, Template, render_part, user_fields
@@ -153,6 +155,24 @@ def tokenize_rows(
     """
     if overlong not in OVERLONG:
         raise ValueError(f"data.overlong: '{overlong}' is not one of {', '.join(OVERLONG)}")
+    with _no_gc():
+        return _tokenize_rows(rows, tokenizer, template, max_length, overlong, last_turn_only)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Pause Python's cyclic garbage collector: building millions of id lists (which hold no cycles) would
+    otherwise trigger collections that rescan every list built so far, ~25% of the step on 50k rows."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _tokenize_rows(rows, tokenizer, template, max_length, overlong, last_turn_only):
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     outcome: dict[str, list[int]] = {"kept": [], "truncated": [], "eos_truncated": [], "too_long": []}
     for i, (ids, labels, _) in enumerate(encode(rows, tokenizer, template, last_turn_only)):
@@ -165,7 +185,7 @@ def tokenize_rows(
                 ids, labels = fitted
             elif overlong == "truncate_end":
                 ids, labels = ids[:max_length], labels[:max_length]
-                if all(x == IGNORE_INDEX for x in labels):
+                if labels.count(IGNORE_INDEX) == len(labels):
                     outcome["too_long"].append(i)  # the prompt alone fills max_length: nothing to learn
                     continue
                 outcome["eos_truncated"].append(i)  # the stop token is last, so any cut removes it
