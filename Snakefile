@@ -4,22 +4,25 @@
 
 import yaml
 
+from workflow.devices import device_pool
 from workflow.params import ParamsError, validate_params, variants
-from workflow.stages import CODE, param_values
+from workflow.stages import CODE, gpu_limit, node_count, param_values
 
 configfile: "params.yaml"
 
 with open("params.yaml", encoding="utf-8") as _f:
     if yaml.safe_load(_f) != config:
         raise ParamsError("params.yaml: --config/--configfile overrides do not reach the steps; edit params.yaml")
-PARAMS = validate_params(config, "params.yaml")
+PARAMS = validate_params(config, "params.yaml")  # refuses impossible variants of the matrix, too
 VARIANTS = variants(PARAMS)
+gpu_limit(PARAMS, VARIANTS, workflow.global_resources.get("gpu"))
+GPU_POOL = device_pool()  # this machine's GPU ids (nvidia-smi; empty on a CPU-only machine)
 
 
 wildcard_constraints:
     model="[A-Za-z0-9_]+",
     precision="fp16|bf16|int8|nf4",
-    strategy="single",
+    strategy="single|zero2|zero3",
 
 
 include: "rules/prepare.smk"

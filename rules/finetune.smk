@@ -15,15 +15,18 @@ rule train:
         live_plots=expand("results/live/{{model}}-{{precision}}-{{strategy}}/plots/metrics/train/{key}.tsv",
                           key=("loss", "learning_rate", "grad_norm")),
     params:
-        values=lambda w: param_values(config, "train", model=w.model, precision=w.precision),
+        values=lambda w: param_values(config, "train", model=w.model, precision=w.precision, strategy=w.strategy),
     log:
         "logs/train/{model}-{precision}-{strategy}.log",
     benchmark:
         "benchmarks/train/{model}-{precision}-{strategy}.tsv"
     conda:
         "../envs/lowprec.yaml"
+    # GPU machine: one core per process. CPU only: torch trains on every core, so say so (and timings stay clean).
+    threads: lambda w: PARAMS.processes(w.strategy) if GPU_POOL else workflow.cores
     resources:
-        gpu=1,
+        gpu=lambda w: PARAMS.processes(w.strategy),  # the job leases that many GPU ids (workflow/devices.py)
+        nodes=lambda w: node_count(PARAMS, w.strategy),  # SLURM allocates these (strategies.<s>.nodes)
     shell:
         "python -m workflow.train --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
         " --strategy {wildcards.strategy} --model-dir {input.model} --data {input.data} --out {output.adapter}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `pytest` without `python -m` does not put the project root on sys.path
+# DeepSpeed JIT-builds one op on first use; every test's runs (in their own directories) share one build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "results/cache/torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,8 @@ def edited(**changes) -> dict:
     (edited(lora__rank=8), "lora.rank: unknown key; remove it or check its spelling"),
     (edited(models__tiny__template="alpaca_v9"), "models.tiny.template: unknown template 'alpaca_v9'; choose"),
     (edited(matrix__precision=["fp8"]), "matrix.precision.0: Input should be 'fp16', 'bf16', 'int8' or 'nf4'"),
-    (edited(matrix__strategy=["zero3"]), "matrix.strategy.0: Input should be 'single'"),
+    (edited(matrix__strategy=["zero4"]), "matrix.strategy.0: Input should be 'single', 'zero2' or 'zero3'"),
+    (edited(matrix_zero__precision=["int8"]), "tiny-int8-zero3: bitsandbytes LLM.int8 weights cannot be partitioned"),
     (edited(matrix__model=["llama"]), "matrix.model: 'llama' is not a key of `models` (tiny)"),
     (edited(models__tiny__source="builtin:big-llama"), "models.tiny.source: no `builtin.big-llama` section"),
 ])

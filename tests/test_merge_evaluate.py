@@ -22,16 +22,12 @@ from workflow.quality import quality
 def trained(builtin_model_dir, tiny_data_dir, tmp_path_factory):
     """nf4 and bf16 adapters trained for a few steps, with their params."""
     tmp = tmp_path_factory.mktemp("merge")
-    train_step.CHECKPOINT_ROOT, saved = tmp / "checkpoints", train_step.CHECKPOINT_ROOT
-    try:
-        params = load_params(params_with(tmp, train={"max_steps": 30, "save_steps": 1000}))
-        adapters = {}
-        for precision in ("bf16", "nf4"):
-            adapters[precision] = tmp / f"adapter-{precision}"
-            train_step.train_variant(params, "tiny", precision, "single", builtin_model_dir, tiny_data_dir,
-                                     adapters[precision])
-    finally:
-        train_step.CHECKPOINT_ROOT = saved
+    params = load_params(params_with(tmp, train={"max_steps": 30, "save_steps": 1000}))
+    adapters = {}
+    for precision in ("bf16", "nf4"):
+        adapters[precision] = tmp / f"adapter-{precision}"
+        train_step.train_variant(params, "tiny", precision, "single", builtin_model_dir, tiny_data_dir,
+                                 adapters[precision], checkpoint_dir=tmp / f"checkpoints-{precision}")
     return params, adapters, tmp
 
 

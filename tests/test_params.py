@@ -19,8 +19,8 @@ def write(tmp_path, raw) -> Path:
     return path
 
 
-def edited(path: str, value):
-    raw = copy.deepcopy(DEFAULT)
+def edited(path: str, value, base: dict = DEFAULT):
+    raw = copy.deepcopy(base)
     *parents, leaf = path.split(".")
     node = raw
     for p in parents:
@@ -33,10 +33,12 @@ def edited(path: str, value):
 
 
 
-def test_default_params_load_and_expand_to_four_precisions():
+def test_default_params_load_and_expand_to_four_precisions_and_two_zero_strategies():
     params = load_params(ROOT / "params.yaml")
     ids = [v["id"] for v in variants(params)]
-    assert ids == [variant_id("tiny", p, "single") for p in ("fp16", "bf16", "int8", "nf4")]
+    assert ids == [variant_id("tiny", p, "single") for p in ("fp16", "bf16", "int8", "nf4")] + [
+        variant_id("tiny", "bf16", s) for s in ("zero2", "zero3")]
+    assert params.processes("single") == 1 and params.processes("zero2") == params.processes("zero3") == 2
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,10 @@ def test_default_params_load_and_expand_to_four_precisions():
         ("lora.dropout", 1.5, "lora.dropout"),
         ("data", DELETE, "data: Field required"),
         ("variants.fp16", {"learning_rate": 0}, "variants.fp16.learning_rate"),
+        ("matrix_zero.strategy", ["single"], "matrix_zero.strategy.0"),
+        ("strategies.zero3.gpus", 0, "strategies.zero3.gpus"),
+        ("strategies.zero2.nodes", "many", "strategies.zero2.nodes"),
+        ("distributed.launcher", "mpirun", "distributed.launcher"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, key, value, expected):
@@ -88,3 +94,48 @@ def test_model_keys_must_be_path_safe(tmp_path):
     raw["models"]["my-model"] = raw["models"]["tiny"]
     with pytest.raises(ParamsError, match="models.my-model"):
         load_params(write(tmp_path, raw))
+
+
+# --- impossible combinations: refused for the whole matrix before any compute ----------------------------
+
+
+def with_changes(**changes):
+    raw = DEFAULT
+    for path, value in changes.items():
+        raw = edited(path.replace("__", "."), value, raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"matrix_zero__precision": ["bf16", "int8"]},
+         "tiny-int8-zero3: bitsandbytes LLM.int8 weights cannot be partitioned by ZeRO-3"),
+        ({"matrix_zero__precision": ["nf4"], "strategies__zero3__nf4_quant_storage": "uint8"},
+         "tiny-nf4-zero3: ZeRO-3 partitions 4-bit weights only when their storage dtype equals the compute dtype"),
+        ({"models__tiny__trained_dtype": "bfloat16"},
+         "tiny-fp16-single: models.tiny was trained in bfloat16"),
+        ({"strategies__zero2": DELETE}, "strategies.zero2: missing"),
+        ({"strategies__zero2__offload_params": True}, "strategies.zero2.offload_params: parameter offload exists "
+                                                       "only in ZeRO-3"),
+        ({"strategies__single__gpus": 2}, "strategies.single: one device"),
+        ({"matrix__strategy": ["single", "zero2"]}, "tiny-bf16-zero2: in both matrix and matrix_zero"),
+    ],
+)
+def test_impossible_variants_are_refused_with_the_variant_and_the_reason(tmp_path, changes, expected):
+    path = write(tmp_path, with_changes(**changes))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}: " + str(err.value).split(": ", 1)[1]  # file first, one line
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_allowed_neighbours_of_the_refusals_load(tmp_path):
+    ok = with_changes(matrix_zero__precision=["fp16", "bf16", "int8", "nf4"], matrix_zero__strategy=["zero2"])
+    assert len(variants(load_params(write(tmp_path, ok)))) == 8  # int8 and nf4 are fine under ZeRO-2
+    nf4 = with_changes(matrix_zero__precision=["nf4"], strategies__zero3__nf4_quant_storage="bfloat16")
+    assert load_params(write(tmp_path, nf4))
+    forced = with_changes(models__tiny__trained_dtype="bfloat16", models__tiny__force_fp16=True)
+    assert load_params(write(tmp_path, forced))
+    none = with_changes(matrix_zero__strategy=[])  # no ZeRO runs at all
+    assert [v["strategy"] for v in variants(load_params(write(tmp_path, none)))] == ["single"] * 4

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import params_with
-from workflow.train import COMPLETE
+from workflow.checkpoints import COMPLETE
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "tiny-fp16-single"  # fp16 is the slowest precision on CPU: the widest window to kill in
@@ -29,9 +29,10 @@ TRAIN = {"max_steps": 30, "logging_steps": 4, "save_steps": 5}  # saves between 
 TIMING = {"runtime_s", "tokens_per_s", "samples_per_s", "peak_memory_bytes", "resumed_from"}
 
 
-def command(workdir: Path, params: Path, model_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+def command(workdir: Path, params: Path, model_dir: Path, data_dir: Path, *extra: str,
+            precision: str = "fp16", strategy: str = "single") -> list[str]:
     return [sys.executable, "-m", "workflow.train", "--params", str(params), "--model", "tiny",
-            "--precision", "fp16", "--strategy", "single", "--model-dir", str(model_dir), "--data", str(data_dir),
+            "--precision", precision, "--strategy", strategy, "--model-dir", str(model_dir), "--data", str(data_dir),
             "--out", str(workdir / "adapter"), "--metrics", str(workdir / "train.json"),
             "--timing", str(workdir / "timing.json"), "--live", str(workdir / "live"),
             "--curve", str(workdir / "loss.csv"), *extra]
@@ -191,6 +192,43 @@ def test_require_without_checkpoints_fails_and_never_starts_over(setup, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((work / "timing.json").read_text())["resumed_from"] is None
     assert_same_result(work, reference)
+
+
+def test_zero2_sigkill_then_rerun_resumes_and_matches_an_unbroken_run(builtin_model_dir, tiny_data_dir, tmp_path):
+    """The same under DeepSpeed ZeRO-2 with 2 processes: killing the job's first process takes its launcher and
+    ranks down with it (no orphan rank keeps training or writing), and the rerun resumes every rank."""
+    params = params_with(tmp_path, train=TRAIN)
+    zero = {"precision": "bf16", "strategy": "zero2"}
+    reference, work = tmp_path / "unbroken", tmp_path / "killed"
+    for d in (reference, work):
+        d.mkdir()
+    proc = subprocess.run(command(reference, params, builtin_model_dir, tiny_data_dir, **zero), cwd=reference,
+                          env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    target = random.choice([10, 15, 20])
+    ckpts = work / "results/checkpoints/tiny-bf16-zero2"
+    proc = start_and_wait_for(ckpts / f"checkpoint-{target}" / COMPLETE,
+                              command(work, params, builtin_model_dir, tiny_data_dir, **zero), work, env())
+    time.sleep(random.uniform(0, 0.3))
+    proc.send_signal(signal.SIGKILL)  # the job's first process only, as an OOM killer or preemption would
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while orphans := subprocess.run(["pgrep", "-f", f"--params {params}"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, f"ranks outlived the killed job: {orphans}"
+        time.sleep(0.2)
+    assert not (work / "adapter").exists() and not (work / "train.json").exists()
+    done = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if (p / COMPLETE).is_file())
+    assert done and target <= done[-1] < TRAIN["max_steps"]
+    with open(ckpts / f"checkpoint-{done[-1]}" / COMPLETE) as f:
+        marker = json.load(f)
+    assert marker["world_size"] == 2 and len(marker["loss_pending"]) == 2  # each rank's pending loss
+
+    proc = subprocess.run(command(work, params, builtin_model_dir, tiny_data_dir, "--resume", "require", **zero),
+                          cwd=work, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = assert_same_result(work, reference)
+    assert metrics["resumed_from"] == f"checkpoint-{done[-1]}" and metrics["processes"] == 2
 
 
 # --- through the orchestrators -------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ PAD = {"chatglm3": "<pad>", "qwen": "<|endoftext|>"}
 
 
 @pytest.mark.parametrize("template", ["chatglm3", "qwen"])
-def test_template_runs_through_the_dag(template, builtin_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_step, "CHECKPOINT_ROOT", tmp_path / "checkpoints")
+def test_template_runs_through_the_dag(template, builtin_model_dir, tmp_path):
     params = load_params(params_with(
         tmp_path,
         models={"tiny": {"source": "builtin:tiny-llama", "template": template}},  # the params switch
@@ -43,7 +42,7 @@ def test_template_runs_through_the_dag(template, builtin_model_dir, tmp_path, mo
     assert first.startswith({"chatglm3": "[gMASK]sop<|user|>\n", "qwen": "<|im_start|>system\n"}[template])
 
     result = train_step.train_variant(params, "tiny", "fp16", "single", builtin_model_dir, data_dir,
-                                      tmp_path / "adapter")
+                                      tmp_path / "adapter", checkpoint_dir=tmp_path / "checkpoints")
     m = result.metrics
     assert m["train_loss_last"] < 0.5 * m["train_loss_first"]
     merge = merge_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter", data_dir,

@@ -16,13 +16,13 @@ STEPS = 40  # enough for a clear drop on the tiny model in a few seconds per pre
 
 
 @pytest.fixture()
-def short_params(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_step, "CHECKPOINT_ROOT", tmp_path / "checkpoints")
+def short_params(tmp_path):
     return load_params(params_with(tmp_path, train={"max_steps": STEPS, "logging_steps": 5, "save_steps": 1000}))
 
 
 def run(params, precision, builtin_model_dir, tiny_data_dir, out):
-    return train_step.train_variant(params, "tiny", precision, "single", builtin_model_dir, tiny_data_dir, out)
+    return train_step.train_variant(params, "tiny", precision, "single", builtin_model_dir, tiny_data_dir, out,
+                                    checkpoint_dir=out.parent / f"checkpoints-{out.name}")
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "nf4"])

@@ -25,6 +25,8 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
        "HF_HUB_OFFLINE": "1", "LOWPREC_LOG_LEVEL": "WARNING"}
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
+ZERO = ("tiny-bf16-zero2", "tiny-bf16-zero3")  # params.yaml's matrix_zero: 2 processes each, on CPU
+VARIANTS = tuple(f"tiny-{p}-single" for p in PRECISIONS) + ZERO
 SMALL = {  # the default experiment, shortened: every step and precision still runs for real
     "builtin": {"pretrain_steps": 80, "corpus_size": 3000},
     "data": {"builtin_rows": 480, "eval_size": 32},
@@ -88,7 +90,7 @@ def test_snakemake_lint_and_dry_run_are_fast():
     assert "Congratulations" in lint.stdout + lint.stderr
     dry = sh(["snakemake", "-n", "--forceall", "--cores", "1", "--quiet", "rules"], ROOT).stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", dry, flags=re.M))
-    assert counts["train"] == counts["merge"] == counts["evaluate"] == "4"
+    assert counts["train"] == counts["merge"] == counts["evaluate"] == "6"
 
 
 def test_snakefile_parse_imports_no_torch():
@@ -138,14 +140,14 @@ def test_snakemake_and_dvc_run_the_same_commands_outputs_and_params():
     assert sorted(smk) == sorted(dvc)  # the very same commands, one per job/stage
     for cmd, job in smk.items():
         stage = dvc[cmd]
-        step = stage["name"].split("@")[0]
+        step = stage["name"].split("@")[0].removesuffix("_zero")  # train_zero: the same step over matrix_zero
         assert job["rule"] == step
         assert job["outs"] == stage["outs"], cmd
         code = {d for d in stage["deps"] if d.startswith("workflow/")}
         assert code == set(CODE[step]) == {d for d in job["deps"] if d.startswith("workflow/")}, cmd
         data = [d for d in job["deps"] if not d.startswith("workflow/")]
         assert all(any(d == s or d.startswith(s + "/") for s in stage["deps"] - code) for d in data), cmd
-        wildcards = dict(re.findall(r"--(model|precision) (\S+)", cmd))
+        wildcards = dict(re.findall(r"--(model|precision|strategy) (\S+)", cmd))
         assert stage["params"] == param_keys(step, **wildcards), cmd
 
 
@@ -155,7 +157,7 @@ def test_snakemake_and_dvc_run_the_same_commands_outputs_and_params():
 @pytest.fixture(scope="module")
 def smk_repo(tmp_path_factory) -> Path:
     repo = make_project(tmp_path_factory.mktemp("smk"))
-    sh(["snakemake", "--cores", "2", "--resources", "gpu=1"], repo)
+    sh(["snakemake", "--cores", "2", "--resources", "gpu=2"], repo)
     return repo
 
 
@@ -170,7 +172,9 @@ def dvc_repo(tmp_path_factory) -> Path:
 
 
 def read_metrics(repo: Path, kind: str, precision: str) -> dict:
-    return json.loads((repo / f"results/metrics/{kind}/tiny-{precision}-single.json").read_text())
+    """Metrics of a variant: a precision (its single-device variant) or a whole variant id."""
+    variant = precision if precision.startswith("tiny-") else f"tiny-{precision}-single"
+    return json.loads((repo / f"results/metrics/{kind}/{variant}.json").read_text())
 
 
 def test_snakemake_end_to_end(smk_repo):
@@ -196,11 +200,24 @@ def test_snakemake_end_to_end(smk_repo):
         live = smk_repo / f"results/live/tiny-{precision}-single"
         assert json.loads((live / "metrics.json").read_text())["train"]["loss"] > 0
         assert (live / "plots/metrics/train/loss.tsv").read_text().startswith("step\tloss\n")
+    for variant in ZERO:  # DeepSpeed ZeRO-2/-3, 2 processes over gloo
+        train = read_metrics(smk_repo, "train", variant)
+        assert train["processes"] == 2 and train["train_loss_last"] < train["train_loss_first"]
+        stage = train["deepspeed"]["zero_optimization"]["stage"]
+        assert stage == int(variant[-1]) and train["deepspeed"]["train_batch_size"] == 2 * 8
+        assert json.loads((smk_repo / f"results/adapters/{variant}/deepspeed_config.json").read_text()) == \
+            train["deepspeed"]
+        ev = read_metrics(smk_repo, "eval", variant)
+        assert ev["eval_loss_merged"] < ev["eval_loss_base"] and ev["eos_stop_rate_merged"] > 0.5
+        launch = read_metrics(smk_repo, "timing", variant)["launch_command"]
+        assert "-m torch.distributed.run --nproc_per_node=2 --standalone -m workflow.train" in launch
     rows = list(csv.DictReader((smk_repo / "results/report/summary.csv").read_text().splitlines()))
-    assert [r["precision"] for r in rows] == list(PRECISIONS)
-    bf16 = next(r for r in rows if r["precision"] == "bf16")
-    assert float(bf16["mem x bf16"]) == float(bf16["tokens/s x bf16"]) == float(bf16["eval loss x bf16"]) == 1.0
-    assert all(r["template"] == "human_assistant" and r["strategy"] == "single" for r in rows)
+    assert [r["variant"] for r in rows] == list(VARIANTS)  # a row per precision x strategy
+    for row in rows:
+        if row["precision"] == "bf16":
+            assert float(row["mem x bf16"]) == float(row["tokens/s x bf16"]) == float(row["eval loss x bf16"]) == 1
+    assert all(r["template"] == "human_assistant" for r in rows)
+    assert [r["strategy"] for r in rows] == ["single"] * 4 + ["zero2", "zero3"]
     for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png"):
         assert (smk_repo / "results/report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert dry_jobs(smk_repo) == []
@@ -227,8 +244,8 @@ def test_snakemake_reruns_only_the_changed_variant(smk_repo):
 def test_dvc_end_to_end_then_snakemake_has_nothing_to_redo(dvc_repo):
     status = sh(["dvc", "status"], dvc_repo).stdout
     assert "up to date" in status
-    for precision in PRECISIONS:
-        assert read_metrics(dvc_repo, "eval", precision)["eval_loss_adapter"] > 0
+    for variant in VARIANTS:
+        assert read_metrics(dvc_repo, "eval", variant)["eval_loss_adapter"] > 0
     assert (dvc_repo / "results/report/summary.md").is_file()
     assert dry_jobs(dvc_repo) == []  # DVC's outputs are finished work for Snakemake too
 
@@ -247,14 +264,13 @@ def test_dvc_plots_show_renders_the_loss_curves_of_every_variant(dvc_repo):
 
 
 def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
-    """Everything but the timing file is deterministic: whole files compare equal."""
-    for precision in PRECISIONS:
+    """Everything but the timing file is deterministic, ZeRO's 2-process runs included: whole files compare equal."""
+    for variant in VARIANTS:
         for kind in ("train", "merge", "eval"):
-            assert read_metrics(smk_repo, kind, precision) == read_metrics(dvc_repo, kind, precision), kind
-        for path in (f"results/plots/loss/tiny-{precision}-single.csv",
-                     f"results/predictions/tiny-{precision}-single.jsonl"):
+            assert read_metrics(smk_repo, kind, variant) == read_metrics(dvc_repo, kind, variant), (kind, variant)
+        for path in (f"results/plots/loss/{variant}.csv", f"results/predictions/{variant}.jsonl"):
             assert (smk_repo / path).read_text() == (dvc_repo / path).read_text(), path
-        assert read_metrics(smk_repo, "timing", precision) != read_metrics(dvc_repo, "timing", precision)
+        assert read_metrics(smk_repo, "timing", variant) != read_metrics(dvc_repo, "timing", variant)
 
 
 def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
@@ -283,11 +299,11 @@ def test_dvc_experiment_with_another_lora_rank_diffs_every_variant(dvc_repo):
     sh(["git", "checkout", "params.yaml"], dvc_repo)  # the baseline params (an earlier test edited them)
     sh(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], dvc_repo)
     diff = json.loads(sh(["dvc", "metrics", "diff", "HEAD", "lora-r4", "--json"], dvc_repo).stdout)
-    for precision in PRECISIONS:
+    for variant in VARIANTS:
         for kind in ("train", "eval"):
-            changed = diff[f"results/metrics/{kind}/tiny-{precision}-single.json"]
-            assert any(m.get("diff") for m in changed.values()), (kind, precision)
-        assert diff[f"results/metrics/train/tiny-{precision}-single.json"]["trainable_params"]["new"] < \
-            diff[f"results/metrics/train/tiny-{precision}-single.json"]["trainable_params"]["old"]
+            changed = diff[f"results/metrics/{kind}/{variant}.json"]
+            assert any(m.get("diff") for m in changed.values()), (kind, variant)
+        assert diff[f"results/metrics/train/{variant}.json"]["trainable_params"]["new"] < \
+            diff[f"results/metrics/train/{variant}.json"]["trainable_params"]["old"]
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], dvc_repo).stdout)
     assert "lora-r4" in json.dumps(shown)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from peft import PeftModel
 from transformers import set_seed
 
-from workflow import cli
+from workflow import cli, devices
 from workflow.io import write_json_atomic, write_text_atomic
 from workflow.merge import check_adapter
 from workflow.modeling import eval_batches, load_base, load_tokenizer, load_unquantized, logits_of, token_loss
@@ -153,8 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", required=True, type=Path, help="output of the preprocess step")
     p.add_argument("--metrics", required=True, type=Path, help="evaluation metrics JSON to write")
     p.add_argument("--predictions", required=True, type=Path, help="generations JSONL to write")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     params = cli.load_checked(args)
+    d = params.distributed  # one GPU, leased like the train step's (see workflow/devices.py)
+    devices.lease_then_reexec(1, d.gpu_lock_dir, d.gpu_wait_s, variant_id(args.model, args.precision, args.strategy),
+                              "workflow.evaluate", argv)
     metrics, rows = evaluate_variant(
         params, args.model, args.precision, args.strategy, args.model_dir, args.adapter, args.merged, args.data
     )

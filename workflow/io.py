@@ -15,13 +15,17 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out` only if the block finishes without error."""
+def atomic_dir(out: str | Path, staged: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `out` only if the block finishes without error.
+
+    `staged`: an already written temporary sibling to finish (e.g. one that several processes wrote into).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staged or out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:

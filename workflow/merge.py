@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from workflow import cli
+from workflow import cli, devices
 from workflow.io import atomic_dir, write_json_atomic
 from workflow.modeling import eval_batches, load_tokenizer, load_unquantized, logits_of
 from workflow.params import Params, variant_id
@@ -116,8 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", required=True, type=Path, help="output of the preprocess step (check batches)")
     p.add_argument("--out", required=True, type=Path, help="merged model directory to write")
     p.add_argument("--metrics", required=True, type=Path, help="merge metrics JSON to write")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     params = cli.load_checked(args)
+    d = params.distributed  # one GPU, leased like the train step's (see workflow/devices.py)
+    devices.lease_then_reexec(1, d.gpu_lock_dir, d.gpu_wait_s, variant_id(args.model, args.precision, args.strategy),
+                              "workflow.merge", argv)
     metrics = merge_variant(
         params, args.model, args.precision, args.strategy, args.model_dir, args.adapter, args.data, args.out
     )

@@ -42,8 +42,8 @@ def load_base(model_dir: str | Path, plan: PrecisionPlan, trust_remote_code: boo
         device_map=plan.device_map,
         trust_remote_code=trust_remote_code,
     )
-    if plan.quantization is None:
-        model.to(plan.device)
+    if plan.quantization is None and plan.strategy == "single":  # DeepSpeed's engine places (partitions) it
+        model.to(plan.torch_device)
     return model
 
 
@@ -53,9 +53,14 @@ def load_unquantized(model_dir: str | Path, dtype: torch.dtype, device: str, tru
     return model.to(device)
 
 
+def numel(t: torch.Tensor) -> int:
+    """Elements of a tensor, also when ZeRO-3 has partitioned it away from this rank (`ds_numel`)."""
+    return getattr(t, "ds_numel", None) or t.numel()
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes held by parameters and buffers (quantized weights counted at their packed size)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return sum(numel(t) * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def _quant_state_bytes(state) -> int:
@@ -85,15 +90,15 @@ def linear_weight_bits(model: torch.nn.Module) -> dict[str, object]:
         if isinstance(module, bnb.nn.Linear4bit):
             state = weight.quant_state
             n = math.prod(state.shape)
-            size = weight.numel() * weight.element_size() + _quant_state_bytes(state)
+            size = numel(weight) * weight.element_size() + _quant_state_bytes(state)
             kinds.add(f"{state.quant_type}{'+double_quant' if state.nested else ''}")
         elif isinstance(module, bnb.nn.Linear8bitLt):
-            n = weight.numel()
+            n = numel(weight)
             scale = getattr(weight, "SCB", None)
             size = n * weight.element_size() + (scale.numel() * scale.element_size() if scale is not None else 0)
             kinds.add("llm.int8")
         else:
-            n = weight.numel()
+            n = numel(weight)
             size = n * weight.element_size()
             kinds.add(dtype_name(weight.dtype))
         params, storage = params + n, storage + size

@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
-STRATEGIES = ("single",)  # zero2/zero3 are planned (DeepSpeed issue); refusing them beats a silent fallback
+STRATEGIES = ("single", "zero2", "zero3")
+ZERO_STAGES = {"zero2": 2, "zero3": 3}  # DeepSpeed ZeRO stage of each distributed strategy
+DTYPES = ("bfloat16", "float16", "float32")
 NAME_RE = r"^[A-Za-z0-9_]+$"  # model keys become wildcards and path parts: no '-', '/', spaces
 
 
@@ -29,7 +31,17 @@ class _Strict(BaseModel):
 class Matrix(_Strict):
     model: list[str] = Field(min_length=1)
     precision: list[Literal["fp16", "bf16", "int8", "nf4"]] = Field(min_length=1)
-    strategy: list[Literal["single"]] = Field(min_length=1)
+    strategy: list[Literal["single", "zero2", "zero3"]] = Field(min_length=1)
+
+
+class ZeroMatrix(_Strict):
+    """A second product for the DeepSpeed strategies, so they can run a subset of the precisions (one
+    product would force every precision under every strategy, int8 x zero3 included). dvc.yaml reads it,
+    so it stays in params.yaml; an empty list runs none."""
+
+    model: list[str]
+    precision: list[Literal["fp16", "bf16", "int8", "nf4"]]
+    strategy: list[Literal["zero2", "zero3"]]
 
 
 class ModelEntry(_Strict):
@@ -39,6 +51,8 @@ class ModelEntry(_Strict):
     trust_remote_code: bool = False  # run Python code shipped with the model (config.json `auto_map`)
     allow_unpinned: bool = False  # opt out of the pinned-revision rule for remote sources
     allow_pickle: bool = False  # also use pickle weights (*.bin, *.pt): loading them can run arbitrary code
+    trained_dtype: Literal["bfloat16", "float16", "float32"] | None = None  # dtype the model was pre-trained in
+    force_fp16: bool = False  # fine-tune in fp16 even though trained_dtype is bfloat16 (overflow risk)
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +186,35 @@ class VariantOverride(_Strict):
     optim: str | None = None
 
 
+class Strategy(_Strict):
+    """How one strategy trains; for zero2/zero3 the train step generates the DeepSpeed config from it."""
+
+    gpus: int = Field(default=1, gt=0)  # processes per node = GPUs the job asks for (on CPU: processes)
+    nodes: int | Literal["slurm"] = 1  # "slurm": the node count of the SLURM allocation
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters live on the CPU between uses
+    nf4_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"  # see precision.py
+
+    @field_validator("nodes")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1 (or \"slurm\")")
+        return v
+
+
+class Distributed(_Strict):
+    """How the ZeRO jobs start their processes and find their GPUs: execution, not experiment (no rerun
+    when these change). workflow/distributed.py builds the launch command from them."""
+
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    master_addr: str | None = None  # multi-node rendezvous host; null: first SLURM node, else this host
+    master_port: int = Field(default=29500, gt=0, lt=65536)
+    hostfile: str | None = None  # deepspeed launcher on several nodes: `host slots=N` lines
+    gpu_lock_dir: str = "/tmp/lowprec-gpu-locks"  # machine-wide: the jobs of every project share the GPUs
+    gpu_wait_s: float = Field(default=3600, ge=0)  # how long a job waits for free GPU ids before failing
+
+
 class Merge(_Strict):
     max_shard_size: str
     check_batches: int = Field(gt=0)
@@ -196,6 +239,7 @@ class Generate(_Strict):
 
 class Params(_Strict):
     matrix: Matrix
+    matrix_zero: ZeroMatrix
     seed: int
     models: dict[str, ModelEntry] = Field(min_length=1)
     builtin: dict[str, BuiltinModel] = {}
@@ -204,6 +248,8 @@ class Params(_Strict):
     lora: Lora
     train: Train
     variants: dict[Literal["fp16", "bf16", "int8", "nf4"], VariantOverride] = {}
+    strategies: dict[Literal["single", "zero2", "zero3"], Strategy] = {}
+    distributed: Distributed = Distributed()
     merge: Merge
     evaluate: Evaluate
     generate: Generate
@@ -213,13 +259,23 @@ class Params(_Strict):
         for name in self.models:
             if not re.match(NAME_RE, name):
                 raise ValueError(f"models.{name}: model keys may use only letters, digits and '_'")
-        for name in self.matrix.model:
-            if name not in self.models:
-                raise ValueError(f"matrix.model: '{name}' is not a key of `models` ({', '.join(self.models)})")
+        for section, matrix in (("matrix", self.matrix), ("matrix_zero", self.matrix_zero)):
+            for name in matrix.model:
+                if name not in self.models:
+                    raise ValueError(f"{section}.model: '{name}' is not a key of `models` ({', '.join(self.models)})")
         for name, entry in self.models.items():
             if entry.source.startswith("builtin:") and entry.source.split(":", 1)[1] not in self.builtin:
                 raise ValueError(f"models.{name}.source: no `builtin.{entry.source[8:]}` section defines it")
+        check_matrix(self)
         return self
+
+    def strategy(self, name: str) -> Strategy:
+        """The settings of a strategy (its `strategies` section; checked to exist for every matrix strategy)."""
+        return self.strategies.get(name, Strategy())
+
+    def processes(self, strategy: str) -> int:
+        """Processes (GPUs) per node that one job of `strategy` runs: what its rule asks `gpu=` for."""
+        return self.strategy(strategy).gpus
 
     def variant_train(self, precision: str) -> Train:
         """`train` with the precision's overrides applied."""
@@ -235,14 +291,47 @@ def variant_id(model: str, precision: str, strategy: str) -> str:
 
 
 def variants(params: Params) -> list[dict[str, str]]:
-    """Every variant of the matrix, in a stable order."""
-    m = params.matrix
-    return [
-        {"model": a, "precision": b, "strategy": c, "id": variant_id(a, b, c)}
-        for a in m.model
-        for b in m.precision
-        for c in m.strategy
-    ]
+    """Every variant of `matrix`, then of `matrix_zero`, in a stable order."""
+    out = []
+    for m in (params.matrix, params.matrix_zero):
+        out += [{"model": a, "precision": b, "strategy": c, "id": variant_id(a, b, c)}
+                for a in m.model for b in m.precision for c in m.strategy]
+    return out
+
+
+def refusal(params: Params, model: str, precision: str, strategy: str) -> str | None:
+    """Why a variant cannot run (None: it can). Checked for the whole matrix before any compute."""
+    vid = variant_id(model, precision, strategy)
+    entry = params.models[model]
+    settings = params.strategy(strategy)
+    if strategy not in params.strategies:
+        return f"strategies.{strategy}: missing; add it (`{strategy}: {{}}` takes the defaults)"
+    if strategy == "single" and (settings.gpus != 1 or settings.nodes != 1 or settings.offload_optimizer):
+        return "strategies.single: one device, no offload; use zero2/zero3 for several GPUs, nodes or offload"
+    if settings.offload_params and strategy != "zero3":
+        return f"strategies.{strategy}.offload_params: parameter offload exists only in ZeRO-3; use zero3 or remove it"
+    if precision == "int8" and strategy == "zero3":
+        return (f"{vid}: bitsandbytes LLM.int8 weights cannot be partitioned by ZeRO-3; "
+                "use zero2 for int8, or nf4 under zero3")
+    if precision == "nf4" and strategy == "zero3" and settings.nf4_quant_storage not in ("auto", "bfloat16"):
+        return (f"{vid}: ZeRO-3 partitions 4-bit weights only when their storage dtype equals the compute dtype "
+                f"(bfloat16), not {settings.nf4_quant_storage}; set strategies.zero3.nf4_quant_storage: auto")
+    if precision == "fp16" and entry.trained_dtype == "bfloat16" and not entry.force_fp16:
+        return (f"{vid}: models.{model} was trained in bfloat16, whose range fp16 lacks (activations overflow, "
+                f"the loss turns NaN); use bf16 or nf4, or set models.{model}.force_fp16: true to try anyway")
+    return None
+
+
+def check_matrix(params: Params) -> None:
+    """Refuse the first impossible variant of the matrix, naming it and the reason."""
+    seen = set()
+    for v in variants(params):
+        if v["id"] in seen:
+            raise ValueError(f"{v['id']}: in both matrix and matrix_zero; list each variant once")
+        seen.add(v["id"])
+        reason = refusal(params, v["model"], v["precision"], v["strategy"])
+        if reason:
+            raise ValueError(reason)
 
 
 def _location(err: dict) -> str:
@@ -269,9 +358,9 @@ def validate_params(raw: object, path: str | Path = "params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = _location(first) or "(top level)"
+        key = _location(first)  # empty for cross-section checks, whose message names the keys itself
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         extra = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ParamsError(f"{path}: {key}: {msg}{extra}") from exc
+        raise ParamsError(f"{path}: {key + ': ' if key else ''}{msg}{extra}") from exc

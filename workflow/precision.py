@@ -1,8 +1,9 @@
 """The one place that decides what a precision name means.
 
-`resolve_precision("nf4", device)` returns the load dtype, compute dtype, quantization config, optimizer,
-mixed-precision mode and device map for that precision on that device. Nothing else in the project
-chooses any of these. What cannot work is refused here, never silently replaced.
+`resolve_precision("nf4", device, strategy=...)` returns the load dtype, compute dtype, quantization config,
+optimizer, mixed-precision mode and device map for that precision on that device under that strategy.
+Nothing else in the project chooses any of these. What cannot work is refused here (or, for whole-matrix
+combinations, by `workflow.params.refusal` before any compute), never silently replaced.
 """
 
 from __future__ import annotations
@@ -27,13 +28,21 @@ class PrecisionPlan:
     optim: str  # TrainingArguments.optim
     adam_epsilon: float
     kbit: bool  # quantized base: needs prepare_model_for_kbit_training
+    strategy: str = "single"
+    local_rank: int = 0  # this process's device index under a multi-process strategy
 
     @property
     def device_map(self) -> dict[str, object] | None:
-        """bitsandbytes layers are placed at load time; plain models are moved by the Trainer."""
-        if self.quantization is None:
+        """bitsandbytes layers are placed at load time; plain models are moved by the Trainer. ZeRO-3 places
+        (partitions) every weight itself, so a quantized model gets no device_map there."""
+        if self.quantization is None or self.strategy == "zero3":
             return None
-        return {"": 0 if self.device == "cuda" else "cpu"}
+        return {"": self.local_rank if self.device == "cuda" else "cpu"}
+
+    @property
+    def torch_device(self) -> str:
+        """Where this process's model lives: its own GPU under a multi-process strategy."""
+        return f"cuda:{self.local_rank}" if self.device == "cuda" else "cpu"
 
     def describe(self) -> dict[str, object]:
         """The resolved choice, as written into the metrics."""
@@ -44,6 +53,7 @@ class PrecisionPlan:
                 "method": "llm.int8" if qc.load_in_8bit else qc.bnb_4bit_quant_type,
                 "double_quant": bool(qc.load_in_4bit and qc.bnb_4bit_use_double_quant),
                 "compute_dtype": str(qc.bnb_4bit_compute_dtype).removeprefix("torch.") if qc.load_in_4bit else None,
+                "storage_dtype": str(qc.bnb_4bit_quant_storage).removeprefix("torch.") if qc.load_in_4bit else "int8",
             }
         return {
             "precision": self.name,
@@ -54,6 +64,7 @@ class PrecisionPlan:
             "amp": self.amp,
             "optim": self.optim,
             "adam_epsilon": self.adam_epsilon,
+            "strategy": self.strategy,
         }
 
 
@@ -68,9 +79,12 @@ def _bf16_ok(device: str) -> bool:
 
 
 def resolve_precision(
-    name: str, device: str | None = None, *, optim: str | None = None, adam_epsilon: float | None = None
+    name: str, device: str | None = None, *, optim: str | None = None, adam_epsilon: float | None = None,
+    strategy: str = "single", quant_storage: str = "auto", local_rank: int = 0,
 ) -> PrecisionPlan:
-    """Map a precision name to its plan on `device`; `optim`/`adam_epsilon` override the defaults."""
+    """Map a precision name to its plan on `device` under `strategy`; `optim`/`adam_epsilon` override the
+    defaults; `quant_storage` is the nf4 storage dtype (`auto`: bfloat16 under ZeRO-3, which can partition
+    4-bit weights only when they are stored in the compute dtype, else the packed uint8)."""
     device = device or default_device()
     if device not in ("cpu", "cuda"):
         raise StepError(f"device '{device}' is not supported; use cpu or cuda")
@@ -94,11 +108,14 @@ def resolve_precision(
                     optim="adamw_torch", eps=1e-8, kbit=True)
     elif name == "nf4":
         # QLoRA: NF4 storage, double-quantized constants (0.5 -> 0.127 bit/param), bf16 compute.
+        if quant_storage == "auto":
+            quant_storage = "bfloat16" if strategy == "zero3" else "uint8"
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=getattr(torch, quant_storage),
         )
         plan = dict(load=torch.bfloat16, compute=torch.bfloat16, quant=quant, amp="bf16",
                     optim=paged, eps=1e-8, kbit=True)
@@ -115,6 +132,8 @@ def resolve_precision(
         optim=optim or plan["optim"],
         adam_epsilon=adam_epsilon if adam_epsilon is not None else plan["eps"],
         kbit=plan["kbit"],
+        strategy=strategy,
+        local_rank=local_rank,
     )
 
 

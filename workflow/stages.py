@@ -17,17 +17,18 @@ CODE: dict[str, list[str]] = {
                            "workflow/templates.py"],
     "preprocess": _COMMON + ["workflow/preprocess.py", "workflow/data.py", "workflow/tokenize.py",
                              "workflow/tasks.py", "workflow/templates.py"],
-    "train": _MODEL + ["workflow/train.py"],
-    "merge": _MODEL + ["workflow/merge.py"],
-    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py"],
+    "train": _MODEL + ["workflow/train.py", "workflow/trainer.py", "workflow/checkpoints.py",
+                       "workflow/distributed.py", "workflow/devices.py"],
+    "merge": _MODEL + ["workflow/merge.py", "workflow/devices.py"],
+    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py", "workflow/devices.py"],
     "report": _COMMON + ["workflow/report.py"],
 }
 
-# params.yaml keys per step; {model}/{precision} are filled per job (DVC: ${item.model}, ${item.precision}).
+# params.yaml keys per step; {model}/{precision}/{strategy} are filled per job (DVC: ${item.model}, ...).
 PARAM_KEYS: dict[str, list[str]] = {
     "download": ["seed", "models.{model}", "builtin", "download"],
     "preprocess": ["seed", "models.{model}", "data"],
-    "train": ["seed", "models.{model}", "lora", "train", "variants.{precision}"],
+    "train": ["seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}"],
     "merge": ["models.{model}", "merge", "evaluate"],
     "evaluate": ["seed", "models.{model}", "evaluate", "generate"],
     "report": ["matrix", "models"],
@@ -48,3 +49,24 @@ def param_values(raw: dict, step: str, **wildcards: str) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         values[key] = node
     return json.dumps(values, sort_keys=True)
+
+
+def gpu_limit(params, variants: list[dict[str, str]], limit: object) -> None:
+    """Refuse a matrix whose jobs ask for more GPUs than `snakemake --resources gpu=N` allows: Snakemake
+    would otherwise wait for them forever or run the job with fewer than it needs."""
+    value = getattr(limit, "value", limit)  # Snakemake wraps the parsed value
+    if value is None or isinstance(value, str):
+        return
+    for v in variants:
+        need = params.processes(v["strategy"])
+        if need > int(value):
+            from workflow.params import ParamsError
+
+            raise ParamsError(f"{v['id']}: strategies.{v['strategy']}.gpus is {need} but --resources gpu={value}; "
+                              f"run with --resources gpu={need} (or more), or lower strategies.{v['strategy']}.gpus")
+
+
+def node_count(params, strategy: str) -> int:
+    """Nodes one job of `strategy` asks the cluster for (`nodes: slurm` takes what `--set-resources` gives)."""
+    nodes = params.strategy(strategy).nodes
+    return nodes if isinstance(nodes, int) else 1

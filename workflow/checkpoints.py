@@ -1,0 +1,98 @@
+"""Training checkpoints: where they live, when one is complete, and whether a rerun may resume from it.
+
+Checkpoints go to a directory outside the declared outputs (Snakemake deletes those when a job fails), carry
+a fingerprint of everything the variant's training depends on, and count as complete only once
+`complete.json` is written into them, last and atomically. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from workflow import cli
+from workflow.io import read_json
+from workflow.params import Params
+
+log = logging.getLogger(__name__)
+CHECKPOINT_ROOT = Path("results/checkpoints")  # not a declared output: Snakemake deletes those on failure
+COMPLETE = "complete.json"  # written last into a checkpoint-N dir: without it the checkpoint is half-written
+RESUME_MODES = ("auto", "require", "never")
+
+
+def variant_fingerprint(params: Params, model: str, precision: str, strategy: str, inputs: str = "") -> str:
+    """Hash of every param the variant's training depends on (and of its input files); checkpoints carry it."""
+    relevant = {
+        "seed": params.seed,
+        "model": params.models[model].model_dump(),
+        "data": params.data.model_dump(),
+        "lora": params.lora.model_dump(),
+        "train": params.variant_train(precision).model_dump(),
+        "precision": precision,
+        "strategy": strategy,
+        "strategy_settings": params.strategy(strategy).model_dump(),
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def inputs_digest(model_dir: Path, data_dir: Path) -> str:
+    """sha256 of the model's recorded file hashes and the tokenized train split: what else training reads."""
+    h = hashlib.sha256()
+    files = [Path(model_dir) / "source.json", *sorted((Path(data_dir) / "train").glob("*.arrow"))]
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def resume_point(ckpt_dir: Path, fingerprint: str, mode: str = "auto") -> Path | None:
+    """The checkpoint to resume from: the latest *complete* one made with `fingerprint`, or None.
+
+    Incomplete checkpoints (a kill while saving: no `complete.json`) are removed. A complete checkpoint made
+    with other params is stale: `auto` (what Snakemake and DVC run) removes it with a warning and starts
+    over, since the params change is what the orchestrator is rerunning for; `require` refuses to go on
+    and keeps it; `never` removes every checkpoint.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0), key=_step)
+    complete = []
+    for path in found:
+        if (path / COMPLETE).is_file():
+            complete.append(path)
+        else:
+            log.warning("%s: incomplete (no %s); ignoring and removing it", path, COMPLETE)
+            shutil.rmtree(path)
+    if mode == "never":
+        for path in complete:
+            shutil.rmtree(path)
+        return None
+    if not complete:
+        if mode == "require":
+            raise cli.StepError(f"{ckpt_dir}: no complete checkpoint to resume from; run without --resume require")
+        return None
+    last = complete[-1]
+    made_with = read_json(last / COMPLETE).get("fingerprint")
+    if made_with == fingerprint:
+        log.info("resuming from %s", last)
+        return last
+    if mode == "require":
+        raise cli.StepError(
+            f"{last}: made with other params or inputs (fingerprint {made_with}, now {fingerprint}); refusing "
+            "to resume from it: restore the params it was made with, or run without --resume require to start over"
+        )
+    log.warning("%s: made with other params or inputs (fingerprint %s, now %s); not resuming from it, "
+                "removing the variant's checkpoints and starting over", last, made_with, fingerprint)
+    for path in complete:
+        shutil.rmtree(path)
+    return None
