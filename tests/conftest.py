@@ -10,8 +10,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `pytest` without `python -m` does not put the project root on sys.path
+from workflow.devices import LEASED  # noqa: E402 (needs the root on sys.path)
+
 # DeepSpeed JIT-builds one op on first use; every test's runs (in their own directories) share one build.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "results/cache/torch_extensions"))
+# A step run in-process leases GPUs by setting these (workflow/devices.py); a test must not pass its lease on.
+LEASE_VARS = (LEASED, "CUDA_VISIBLE_DEVICES")
+
+
+@pytest.fixture(autouse=True)
+def _restore_lease_env(monkeypatch):
+    """Every test ends with the lease variables as they were before it (set, or absent)."""
+    for name in LEASE_VARS:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ from workflow.checkpoints import COMPLETE
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "tiny-fp16-single"  # fp16 is the slowest precision on CPU: the widest window to kill in
 TRAIN = {"max_steps": 30, "logging_steps": 4, "save_steps": 5}  # saves between logs: pending loss is kept
+# Steps to kill at: checkpointed ones that leave 3 save intervals (~1 s on 2 cores) for the signal to land in.
+KILL_AT = range(TRAIN["save_steps"], TRAIN["max_steps"] - 3 * TRAIN["save_steps"] + 1, TRAIN["save_steps"])
 TIMING = {"runtime_s", "tokens_per_s", "samples_per_s", "peak_memory_bytes", "resumed_from"}
 
 
@@ -74,11 +76,12 @@ def interrupt(workdir: Path, sig: int, *args: str) -> tuple[int, int, str]:
     """
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random()
-    target = rng.choice(range(TRAIN["save_steps"], TRAIN["max_steps"] - TRAIN["save_steps"], TRAIN["save_steps"]))
+    target = rng.choice(KILL_AT)
     marker = checkpoints(workdir) / f"checkpoint-{target}" / COMPLETE
     proc = start_and_wait_for(marker, command(workdir, *args), workdir, env())
     try:
         time.sleep(rng.uniform(0, 0.3))  # somewhere in the next few steps, maybe in the middle of a save
+        assert proc.poll() is None, f"the run ended before the signal (aimed after step {target})"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -206,11 +209,12 @@ def test_zero2_sigkill_then_rerun_resumes_and_matches_an_unbroken_run(builtin_mo
                           env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    target = random.choice([10, 15, 20])
+    target = random.choice(KILL_AT)
     ckpts = work / "results/checkpoints/tiny-bf16-zero2"
     proc = start_and_wait_for(ckpts / f"checkpoint-{target}" / COMPLETE,
                               command(work, params, builtin_model_dir, tiny_data_dir, **zero), work, env())
     time.sleep(random.uniform(0, 0.3))
+    assert proc.poll() is None, f"the run ended before the kill (aimed after step {target})"
     proc.send_signal(signal.SIGKILL)  # the job's first process only, as an OOM killer or preemption would
     proc.wait()
     deadline = time.monotonic() + 30
