@@ -234,6 +234,7 @@ def train_variant(
 
         _ = args.device  # accelerate's process group (gloo on CPU)
         deepspeed.init_distributed()  # DeepSpeed's own handle on it, which its config reads the world size from
+        distributed.release_shm_names()
     base = load_base(model_dir, plan, entry.trust_remote_code)
     base_bytes = weight_bytes(base)
     linear_bits = linear_weight_bits(base)
