@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow.params import ParamsError, load_params, variant_id, variants
+from workflow.params import ParamsError, load_params, refusal, variant_id, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -33,11 +33,11 @@ def edited(path: str, value, base: dict = DEFAULT):
 
 
 
-def test_default_params_load_and_expand_to_four_precisions_and_two_zero_strategies():
+def test_default_params_expand_to_every_precision_and_strategy_a_cpu_can_run():
     params = load_params(ROOT / "params.yaml")
     ids = [v["id"] for v in variants(params)]
-    assert ids == [variant_id("tiny", p, "single") for p in ("fp16", "bf16", "int8", "nf4")] + [
-        variant_id("tiny", "bf16", s) for s in ("zero2", "zero3")]
+    assert ids == [variant_id("tiny", p, s) for s in ("single", "zero2") for p in ("fp16", "bf16", "int8", "nf4")] + [
+        variant_id("tiny", p, "zero3") for p in ("bf16", "nf4")]  # int8 cannot run under zero3, nor fp16 on a CPU
     assert params.processes("single") == 1 and params.processes("zero2") == params.processes("zero3") == 2
 
 
@@ -119,7 +119,7 @@ def with_changes(**changes):
         ({"strategies__zero2__offload_params": True}, "strategies.zero2.offload_params: parameter offload exists "
                                                        "only in ZeRO-3"),
         ({"strategies__single__gpus": 2}, "strategies.single: one device"),
-        ({"matrix__strategy": ["single", "zero2"]}, "tiny-bf16-zero2: in both matrix and matrix_zero"),
+        ({"matrix_zero__strategy": ["zero2", "zero3"]}, "tiny-bf16-zero2: in both matrix and matrix_zero"),
     ],
 )
 def test_impossible_variants_are_refused_with_the_variant_and_the_reason(tmp_path, changes, expected):
@@ -131,11 +131,24 @@ def test_impossible_variants_are_refused_with_the_variant_and_the_reason(tmp_pat
 
 
 def test_allowed_neighbours_of_the_refusals_load(tmp_path):
-    ok = with_changes(matrix_zero__precision=["fp16", "bf16", "int8", "nf4"], matrix_zero__strategy=["zero2"])
+    ok = with_changes(matrix__strategy=["single"], matrix_zero__precision=["fp16", "bf16", "int8", "nf4"],
+                      matrix_zero__strategy=["zero2"])
     assert len(variants(load_params(write(tmp_path, ok)))) == 8  # int8 and nf4 are fine under ZeRO-2
+    gpu = with_changes(matrix_zero__precision=["fp16"])  # fp16 under ZeRO-3: refused on a CPU only (below)
+    assert [v["id"] for v in variants(load_params(write(tmp_path, gpu)))][-1] == "tiny-fp16-zero3"
     nf4 = with_changes(matrix_zero__precision=["nf4"], strategies__zero3__nf4_quant_storage="bfloat16")
     assert load_params(write(tmp_path, nf4))
     forced = with_changes(models__tiny__trained_dtype="bfloat16", models__tiny__force_fp16=True)
     assert load_params(write(tmp_path, forced))
     none = with_changes(matrix_zero__strategy=[])  # no ZeRO runs at all
-    assert [v["strategy"] for v in variants(load_params(write(tmp_path, none)))] == ["single"] * 4
+    assert [v["strategy"] for v in variants(load_params(write(tmp_path, none)))] == ["single"] * 4 + ["zero2"] * 4
+
+
+def test_fp16_under_zero3_is_refused_on_a_cpu_and_allowed_on_gpus():
+    params = load_params(ROOT / "params.yaml")
+    reason = refusal(params, "tiny", "fp16", "zero3", "cpu")
+    assert reason.startswith("tiny-fp16-zero3: DeepSpeed on CPU has no fp16 mode, so ZeRO-3 would partition the "
+                             "weights as fp32")
+    assert refusal(params, "tiny", "fp16", "zero3", "cuda") is None
+    assert refusal(params, "tiny", "fp16", "zero3") is None  # device not known yet: decided where it is
+    assert refusal(params, "tiny", "fp16", "zero2", "cpu") is None  # ZeRO-2 keeps the fp16 weights

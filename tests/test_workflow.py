@@ -25,7 +25,8 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
        "HF_HUB_OFFLINE": "1", "LOWPREC_LOG_LEVEL": "WARNING"}
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
-ZERO = ("tiny-bf16-zero2", "tiny-bf16-zero3")  # params.yaml's matrix_zero: 2 processes each, on CPU
+# params.yaml's matrix (every precision, single and zero2) and matrix_zero (zero3); ZeRO: 2 processes, on CPU
+ZERO = tuple(f"tiny-{p}-zero2" for p in PRECISIONS) + ("tiny-bf16-zero3", "tiny-nf4-zero3")
 VARIANTS = tuple(f"tiny-{p}-single" for p in PRECISIONS) + ZERO
 SMALL = {  # the default experiment, shortened: every step and precision still runs for real
     "builtin": {"pretrain_steps": 80, "corpus_size": 3000},
@@ -90,7 +91,7 @@ def test_snakemake_lint_and_dry_run_are_fast():
     assert "Congratulations" in lint.stdout + lint.stderr
     dry = sh(["snakemake", "-n", "--forceall", "--cores", "1", "--quiet", "rules"], ROOT).stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", dry, flags=re.M))
-    assert counts["train"] == counts["merge"] == counts["evaluate"] == "6"
+    assert counts["train"] == counts["merge"] == counts["evaluate"] == str(len(VARIANTS))
 
 
 def test_snakefile_parse_imports_no_torch():
@@ -217,7 +218,7 @@ def test_snakemake_end_to_end(smk_repo):
         if row["precision"] == "bf16":
             assert float(row["mem x bf16"]) == float(row["tokens/s x bf16"]) == float(row["eval loss x bf16"]) == 1
     assert all(r["template"] == "human_assistant" for r in rows)
-    assert [r["strategy"] for r in rows] == ["single"] * 4 + ["zero2", "zero3"]
+    assert [r["strategy"] for r in rows] == ["single"] * 4 + ["zero2"] * 4 + ["zero3"] * 2
     for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png"):
         assert (smk_repo / "results/report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert dry_jobs(smk_repo) == []
@@ -231,11 +232,11 @@ def test_snakemake_html_report_includes_the_plots(smk_repo):
 
 
 def test_snakemake_reruns_only_the_changed_variant(smk_repo):
-    edit_params(smk_repo, variants={"nf4": {"learning_rate": 0.001}})
+    edit_params(smk_repo, variants={"int8": {"learning_rate": 0.001}})
     try:
-        assert dry_jobs(smk_repo) == ["evaluate", "merge", "report", "train"]
+        assert dry_jobs(smk_repo) == ["evaluate"] * 2 + ["merge"] * 2 + ["report"] + ["train"] * 2  # single, zero2
         out = sh(["snakemake", "-n", "--cores", "1"], smk_repo).stdout
-        assert set(re.findall(r"wildcards: .*precision=(\w+)", out)) == {"nf4"}
+        assert set(re.findall(r"wildcards: .*precision=(\w+)", out)) == {"int8"}
     finally:
         sh(["git", "checkout", "params.yaml"], smk_repo)
     assert dry_jobs(smk_repo) == []
@@ -274,15 +275,16 @@ def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
 
 
 def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
-    edit_params(dvc_repo, variants={"nf4": {"learning_rate": 0.001}})
+    edit_params(dvc_repo, variants={"int8": {"learning_rate": 0.001}})  # int8's single and zero2 variants
     out = sh(["dvc", "repro"], dvc_repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"train@tiny-nf4-single", "merge@tiny-nf4-single", "evaluate@tiny-nf4-single", "report"}, out
+    assert ran == {f"{step}@tiny-int8-{s}" for step in ("train", "merge", "evaluate") for s in ("single", "zero2")
+                   } | {"report"}, out
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], dvc_repo).stdout)
     changed = {path for path, metrics in diff.items() for m in metrics.values() if m.get("diff")}
-    assert "results/metrics/eval/tiny-nf4-single.json" in changed
-    assert "results/metrics/train/tiny-nf4-single.json" in changed
-    assert not any("bf16" in p or "fp16" in p or "int8" in p for p in changed if "/eval/" in p)
+    for variant in ("tiny-int8-single", "tiny-int8-zero2"):
+        assert {f"results/metrics/eval/{variant}.json", f"results/metrics/train/{variant}.json"} <= changed
+    assert not any("bf16" in p or "fp16" in p or "nf4" in p for p in changed if "/eval/" in p)
     assert dry_jobs(dvc_repo) == []  # Snakemake agrees that the rerun branch is finished
 
 

@@ -40,6 +40,14 @@ def device_pool(environ: dict[str, str] | None = None) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def job_device(pool: list[str] | None = None, environ: dict[str, str] | None = None) -> str:
+    """Where this machine's jobs compute: "cuda" when it has GPUs (`pool`, default `device_pool()`), else "cpu".
+    Simulated GPUs (SIMULATED, for tests) are leased like real ones but compute on the CPU."""
+    env = os.environ if environ is None else environ
+    pool = device_pool(env) if pool is None else pool
+    return "cuda" if pool and not env.get(SIMULATED) else "cpu"
+
+
 @dataclass
 class Lease:
     """GPU ids held by this process until `release()` or exit."""

@@ -291,16 +291,17 @@ def variant_id(model: str, precision: str, strategy: str) -> str:
 
 
 def variants(params: Params) -> list[dict[str, str]]:
-    """Every variant of `matrix`, then of `matrix_zero`, in a stable order."""
+    """Every variant of `matrix`, then of `matrix_zero`, each grouped by strategy, in a stable order."""
     out = []
     for m in (params.matrix, params.matrix_zero):
         out += [{"model": a, "precision": b, "strategy": c, "id": variant_id(a, b, c)}
-                for a in m.model for b in m.precision for c in m.strategy]
+                for c in m.strategy for a in m.model for b in m.precision]
     return out
 
 
-def refusal(params: Params, model: str, precision: str, strategy: str) -> str | None:
-    """Why a variant cannot run (None: it can). Checked for the whole matrix before any compute."""
+def refusal(params: Params, model: str, precision: str, strategy: str, device: str | None = None) -> str | None:
+    """Why a variant cannot run (None: it can). Checked for the whole matrix before any compute; `device`
+    ("cpu"/"cuda", None: not known yet) adds what only that kind of machine cannot do."""
     vid = variant_id(model, precision, strategy)
     entry = params.models[model]
     settings = params.strategy(strategy)
@@ -316,20 +317,23 @@ def refusal(params: Params, model: str, precision: str, strategy: str) -> str | 
     if precision == "nf4" and strategy == "zero3" and settings.nf4_quant_storage not in ("auto", "bfloat16"):
         return (f"{vid}: ZeRO-3 partitions 4-bit weights only when their storage dtype equals the compute dtype "
                 f"(bfloat16), not {settings.nf4_quant_storage}; set strategies.zero3.nf4_quant_storage: auto")
+    if precision == "fp16" and strategy == "zero3" and device == "cpu":
+        return (f"{vid}: DeepSpeed on CPU has no fp16 mode, so ZeRO-3 would partition the weights as fp32 and "
+                "train no fp16 at all; run fp16 under zero3 on GPUs, or use zero2 (fp16 weights) or bf16 here")
     if precision == "fp16" and entry.trained_dtype == "bfloat16" and not entry.force_fp16:
         return (f"{vid}: models.{model} was trained in bfloat16, whose range fp16 lacks (activations overflow, "
                 f"the loss turns NaN); use bf16 or nf4, or set models.{model}.force_fp16: true to try anyway")
     return None
 
 
-def check_matrix(params: Params) -> None:
-    """Refuse the first impossible variant of the matrix, naming it and the reason."""
+def check_matrix(params: Params, device: str | None = None) -> None:
+    """Refuse the first impossible variant of the matrix (on `device`, when known), naming it and the reason."""
     seen = set()
     for v in variants(params):
         if v["id"] in seen:
             raise ValueError(f"{v['id']}: in both matrix and matrix_zero; list each variant once")
         seen.add(v["id"])
-        reason = refusal(params, v["model"], v["precision"], v["strategy"])
+        reason = refusal(params, v["model"], v["precision"], v["strategy"], device)
         if reason:
             raise ValueError(reason)
 

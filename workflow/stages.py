@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-_COMMON = ["workflow/cli.py", "workflow/io.py", "workflow/params.py"]
+_COMMON = ["workflow/cli.py", "workflow/devices.py", "workflow/io.py", "workflow/params.py"]
 _MODEL = _COMMON + ["workflow/modeling.py", "workflow/precision.py", "workflow/templates.py",
                     "workflow/tokenize.py"]  # the template sets the tokenizer's pad
 
@@ -18,9 +18,9 @@ CODE: dict[str, list[str]] = {
     "preprocess": _COMMON + ["workflow/preprocess.py", "workflow/data.py", "workflow/tokenize.py",
                              "workflow/tasks.py", "workflow/templates.py"],
     "train": _MODEL + ["workflow/train.py", "workflow/trainer.py", "workflow/checkpoints.py",
-                       "workflow/distributed.py", "workflow/devices.py"],
-    "merge": _MODEL + ["workflow/merge.py", "workflow/devices.py"],
-    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py", "workflow/devices.py"],
+                       "workflow/distributed.py"],
+    "merge": _MODEL + ["workflow/merge.py"],
+    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py"],
     "report": _COMMON + ["workflow/report.py"],
 }
 
@@ -31,7 +31,7 @@ PARAM_KEYS: dict[str, list[str]] = {
     "train": ["seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}"],
     "merge": ["models.{model}", "merge", "evaluate"],
     "evaluate": ["seed", "models.{model}", "evaluate", "generate"],
-    "report": ["matrix", "models"],
+    "report": ["matrix", "matrix_zero", "models"],
 }
 
 

@@ -72,13 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     params = cli.load_checked(args)
-    reason = refusal(params, args.model, args.precision, args.strategy)  # also for variants outside the matrix
+    reason = refusal(params, args.model, args.precision, args.strategy,  # also for variants outside the matrix
+                     devices.job_device())
     if reason:
         raise ParamsError(f"{args.params}: {reason}")
     if distributed.is_worker():  # one rank of a ZeRO job: the first process leased the GPUs
         distributed.bind_to_parent()
         train_and_write(params, args, devices.leased_ids() or [], os.environ.get(LAUNCH))
-        return 0
+        distributed.exit_worker()
     vid = variant_id(args.model, args.precision, args.strategy)
     n = params.processes(args.strategy)
     lease = devices.lease_gpus(n, params.distributed.gpu_lock_dir, params.distributed.gpu_wait_s, vid)
