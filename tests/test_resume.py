@@ -54,10 +54,16 @@ def checkpoints(workdir: Path) -> Path:
     return workdir / "results/checkpoints" / VARIANT
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as in a terminal: a suite started in the background (`cmd &`, as CI may) ignores SIGINT, and a
+    child that inherits SIG_IGN never sees it (Python installs its KeyboardInterrupt handler only otherwise)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_wait_for(marker: Path, cmd: list[str], cwd: Path, environ: dict) -> subprocess.Popen:
     """Start `cmd` in its own process group; return once `marker` exists (fail if it ends first)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 600
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
