@@ -5,7 +5,7 @@
 import yaml
 
 from workflow.devices import device_pool, job_device
-from workflow.params import ParamsError, check_matrix, validate_params, variants
+from workflow.params import ParamsError, check_machine, validate_params, variants
 from workflow.stages import CODE, gpu_limit, node_count, param_values
 
 configfile: "params.yaml"
@@ -17,10 +17,7 @@ PARAMS = validate_params(config, "params.yaml")  # refuses impossible variants o
 VARIANTS = variants(PARAMS)
 gpu_limit(PARAMS, VARIANTS, workflow.global_resources.get("gpu"))
 GPU_POOL = device_pool()  # this machine's GPU ids (nvidia-smi; empty on a CPU-only machine)
-try:  # and what this machine cannot run (fp16 under ZeRO-3 on a CPU)
-    check_matrix(PARAMS, job_device(GPU_POOL))
-except ValueError as exc:
-    raise ParamsError(f"params.yaml: {exc}") from None
+check_machine(PARAMS, job_device(GPU_POOL), "params.yaml")  # what this machine cannot run (fp16 x zero3 on CPU)
 
 
 wildcard_constraints:

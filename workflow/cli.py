@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from workflow.params import PRECISIONS, STRATEGIES, Params, ParamsError, check_matrix, load_params
+from workflow.params import PRECISIONS, STRATEGIES, Params, ParamsError, check_machine, load_params
 
 log = logging.getLogger("workflow")
 _job = {"name": "this step"}  # what the step runs for (variant or model), named in out-of-resource messages
@@ -48,10 +48,7 @@ def load_checked(args: argparse.Namespace) -> Params:
     from workflow.devices import job_device  # devices imports this module
 
     params = load_params(args.params)
-    try:  # what this machine cannot run, too (fp16 under ZeRO-3 on a CPU): refused in every step, the first included
-        check_matrix(params, job_device())
-    except ValueError as exc:
-        raise ParamsError(f"{args.params}: {exc}") from None
+    check_machine(params, job_device(), args.params)  # fp16 under ZeRO-3 on a CPU: refused in every step
     model = getattr(args, "model", None)
     parts = [getattr(args, k, None) for k in ("model", "precision", "strategy")]
     _job["name"] = "-".join(p for p in parts if p) or "this step"

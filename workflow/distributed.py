@@ -9,6 +9,7 @@ per GPU (per CPU process on a machine without GPUs, over gloo); the copies see t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -16,8 +17,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from workflow.cli import StepError
 from workflow.devices import SIMULATED
@@ -216,8 +217,6 @@ def exit_worker() -> NoReturn:
     once. The interpreter's normal teardown can abort in a native destructor ("terminate called without an
     active exception": rank 1 of about one nf4 ZeRO-3 run in ten here, after the step's files were written),
     which would fail a finished job. Every file of the step is written, closed and renamed before this."""
-    import logging
-
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -338,6 +338,14 @@ def check_matrix(params: Params, device: str | None = None) -> None:
             raise ValueError(reason)
 
 
+def check_machine(params: Params, device: str, path: str | Path) -> None:
+    """`check_matrix` for the machine the jobs run on (`cpu`/`cuda`): a ParamsError naming the params file."""
+    try:
+        check_matrix(params, device)
+    except ValueError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
 def _location(err: dict) -> str:
     return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
 
