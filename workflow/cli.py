@@ -9,16 +9,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from workflow.params import PRECISIONS, STRATEGIES, Params, ParamsError, check_machine, load_params
+from workflow.devices import job_device
+from workflow.errors import ParamsError, StepError
+from workflow.params import PRECISIONS, STRATEGIES, Params, check_machine, load_params
 
 log = logging.getLogger("workflow")
 _job = {"name": "this step"}  # what the step runs for (variant or model), named in out-of-resource messages
 OOM_HINT = ("lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
             "batch), set gradient_checkpointing: true, lower data.max_length, or use a smaller precision (nf4)")
-
-
-class StepError(RuntimeError):
-    """A failure the user can act on; printed as one line, without a traceback."""
 
 
 def parser(step: str, doc: str | None, *, variant: bool = False, model: bool = True) -> argparse.ArgumentParser:
@@ -45,8 +43,6 @@ def setup_logging() -> None:
 def load_checked(args: argparse.Namespace) -> Params:
     """Load params.yaml, check its matrix against this machine, and check that the command's matrix keys
     exist in it."""
-    from workflow.devices import job_device  # devices imports this module
-
     params = load_params(args.params)
     check_machine(params, job_device(), args.params)  # fp16 under ZeRO-3 on a CPU: refused in every step
     model = getattr(args, "model", None)

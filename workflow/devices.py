@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from workflow.cli import StepError
+from workflow.errors import StepError
 
 log = logging.getLogger(__name__)
 SIMULATED = "LOWPREC_GPU_COUNT"  # pretend the machine has this many GPUs (tests on a CPU machine)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from workflow.cli import StepError
+from workflow.errors import StepError
 from workflow.devices import SIMULATED
 from workflow.params import ZERO_STAGES, Params, Strategy, Train
 

@@ -10,12 +10,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from workflow.cli import StepError
+from workflow.errors import StepError
 from workflow.precision import PrecisionPlan, dtype_name
-from workflow.templates import get_template
-from workflow.tokenize import prepare_tokenizer
+from workflow.remote import own_code
+from workflow.tokenize import load_tokenizer  # noqa: F401 (the steps load both from here)
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +23,19 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
-def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False, template: str = "human_assistant"):
-    """The model's tokenizer with the seeds' training settings: right padding, the template's pad (else
-    the tokenizer's, else eos); see `workflow.tokenize.prepare_tokenizer`."""
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    return prepare_tokenizer(tok, get_template(template))
-
-
 def load_base(model_dir: str | Path, plan: PrecisionPlan, trust_remote_code: bool = False) -> PreTrainedModel:
     """The base model loaded as `plan` says: dtype, quantization and device placement."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise StepError(f"{model_dir}: no config.json; run the download step for this model first")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        dtype=plan.load_dtype,
-        quantization_config=plan.quantization,
-        device_map=plan.device_map,
-        trust_remote_code=trust_remote_code,
-    )
+    with own_code(model_dir, trust_remote_code, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            dtype=plan.load_dtype,
+            quantization_config=plan.quantization,
+            device_map=plan.device_map,
+            trust_remote_code=trust_remote_code,
+        )
     if plan.quantization is None and plan.strategy == "single":  # DeepSpeed's engine places (partitions) it
         model.to(plan.torch_device)
     return model
@@ -49,7 +43,9 @@ def load_base(model_dir: str | Path, plan: PrecisionPlan, trust_remote_code: boo
 
 def load_unquantized(model_dir: str | Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
     """The base in plain `dtype`, never quantized: the only model adapters are merged into."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    with own_code(model_dir, trust_remote_code, "model"):
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
     return model.to(device)
 
 

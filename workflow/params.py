@@ -13,15 +13,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workflow.errors import ParamsError
+
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
 STRATEGIES = ("single", "zero2", "zero3")
 ZERO_STAGES = {"zero2": 2, "zero3": 3}  # DeepSpeed ZeRO stage of each distributed strategy
 DTYPES = ("bfloat16", "float16", "float32")
 NAME_RE = r"^[A-Za-z0-9_]+$"  # model keys become wildcards and path parts: no '-', '/', spaces
-
-
-class ParamsError(ValueError):
-    """params.yaml is invalid; the message names the file and key."""
 
 
 class _Strict(BaseModel):

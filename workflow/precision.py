@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import BitsAndBytesConfig
 
-from workflow.cli import StepError
+from workflow.errors import StepError
 
 @dataclass(frozen=True)
 class PrecisionPlan:

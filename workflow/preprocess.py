@@ -19,7 +19,7 @@ from workflow.data import FIRST_ROWS, BadRows, judge_rows, position_unit, read_s
 from workflow.io import atomic_dir, write_json_atomic
 from workflow.params import Params
 from workflow.templates import get_template
-from workflow.tokenize import prepare_tokenizer, tokenize_rows
+from workflow.tokenize import load_tokenizer, tokenize_rows
 
 log = logging.getLogger("workflow.preprocess")
 
@@ -76,7 +76,6 @@ def preprocess(params: Params, model_key: str, model_dir: str | Path, out: str |
                report_path: str | Path | None = None) -> dict:
     """Run the step for `model_key`; write `out` (and the report to `report_path`) atomically; return it."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
 
     entry = params.models[model_key]
     template = get_template(entry.template)
@@ -86,8 +85,7 @@ def preprocess(params: Params, model_key: str, model_dir: str | Path, out: str |
         raise cli.StepError(f"{model_dir}: model directory not found; run the download step for '{model_key}'")
     rows, bad, rows_read = load_rows(params)
     train_rows, eval_rows = split_rows(rows, data.eval_size, params.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=entry.trust_remote_code)
-    prepare_tokenizer(tokenizer, template)
+    tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
     report: dict = {
         "model": model_key, "source": data.source, "seed": params.seed, "template": template.name,
         "max_length": data.max_length, "overlong": data.overlong, "last_turn_only": data.last_turn_only,

@@ -1,28 +1,59 @@
 """What each step reads: its params.yaml keys and its code. Shared by the Snakefile and the DAG tests.
 
-dvc.yaml lists the same keys and code files per stage (tests/test_dag_agreement.py checks it), so a
+dvc.yaml lists the same keys and code files per stage (tests/test_workflow.py checks it), so a
 change to one variant's params or to one step's code reruns the same jobs in both orchestrators.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
-_COMMON = ["workflow/cli.py", "workflow/devices.py", "workflow/io.py", "workflow/params.py"]
-_MODEL = _COMMON + ["workflow/modeling.py", "workflow/precision.py", "workflow/templates.py",
-                    "workflow/tokenize.py"]  # the template sets the tokenizer's pad
+PACKAGE = Path(__file__).resolve().parent
+STEPS = ("download", "preprocess", "train", "merge", "evaluate", "report")
 
-CODE: dict[str, list[str]] = {
-    "download": _COMMON + ["workflow/download.py", "workflow/builtin.py", "workflow/tasks.py",
-                           "workflow/templates.py"],
-    "preprocess": _COMMON + ["workflow/preprocess.py", "workflow/data.py", "workflow/tokenize.py",
-                             "workflow/tasks.py", "workflow/templates.py"],
-    "train": _MODEL + ["workflow/train.py", "workflow/trainer.py", "workflow/checkpoints.py",
-                       "workflow/distributed.py"],
-    "merge": _MODEL + ["workflow/merge.py"],
-    "evaluate": _MODEL + ["workflow/evaluate.py", "workflow/merge.py", "workflow/quality.py"],
-    "report": _COMMON + ["workflow/report.py"],
-}
+
+def _module_files(name: str) -> list[Path]:
+    """The files of module `workflow.x.y`: its .py file, or every .py file of a package (whose modules may be
+    imported by name at run time, as workflow.convert's families are)."""
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    if path.is_dir():
+        return sorted(path.rglob("*.py"))
+    return [path.with_suffix(".py")] if path.with_suffix(".py").is_file() else []
+
+
+def _imports(path: Path) -> set[str]:
+    """Names of the workflow modules a file imports, at the top or inside functions (both run)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("workflow.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] == "workflow":
+            if node.module != "workflow":
+                names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from workflow import cli`
+    return names
+
+
+def code_deps(step: str) -> list[str]:
+    """Every file of `workflow/` that `python -m workflow.<step>` can run: its module's import closure."""
+    todo, seen = _module_files(f"workflow.{step}"), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imports(path):
+            todo += [f for f in _module_files(name) if f not in seen]
+        if path.name != "__init__.py" and (path.parent / "__init__.py").is_file() and path.parent != PACKAGE:
+            todo.append(path.parent / "__init__.py")  # importing a submodule runs its package's __init__
+    return sorted(p.relative_to(PACKAGE.parent).as_posix() for p in seen)
+
+
+# Code files each step depends on: a change to one reruns the step's jobs in both orchestrators.
+CODE: dict[str, list[str]] = {step: code_deps(step) for step in STEPS}
 
 # params.yaml keys per step; {model}/{precision}/{strategy} are filled per job (DVC: ${item.model}, ...).
 PARAM_KEYS: dict[str, list[str]] = {

@@ -12,7 +12,8 @@ import contextlib
 import gc
 from collections.abc import Sequence
 
-from workflow.templates import BOS, EOS, Template, render_part, user_fields
+from workflow.remote import own_code
+from workflow.templates import BOS, EOS, Template, get_template, render_part, user_fields
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips: prompt tokens are not trained on
 OVERLONG = ("drop", "truncate_prompt", "truncate_end")  # what to do with examples over max_length
@@ -50,6 +51,19 @@ def prepare_tokenizer(tokenizer, template: Template):
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # left padding kept the seeds' loss from converging (fp16 NaN)
+    return tokenizer
+
+
+def load_tokenizer(model_dir, trust_remote_code: bool = False, template: str = "human_assistant"):
+    """The model's tokenizer with the seeds' training settings (`prepare_tokenizer`). A tokenizer of the
+    model's own code is tried on one padded batch here, where code written for transformers 4 breaks."""
+    from transformers import AutoTokenizer
+
+    with own_code(model_dir, trust_remote_code, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        prepare_tokenizer(tokenizer, get_template(template))
+        if trust_remote_code:
+            tokenizer(["a probe", "of padding"], padding=True)
     return tokenizer
 
 
