@@ -5,8 +5,8 @@
 import yaml
 
 from workflow.devices import device_pool, job_device
-from workflow.params import ParamsError, check_machine, validate_params, variants
-from workflow.stages import CODE, gpu_limit, node_count, param_values
+from workflow.params import PRECISIONS, STRATEGIES, ParamsError, check_machine, validate_params, variants
+from workflow.stages import CODE, LIVE_KEYS, gpu_limit, node_count, param_values
 
 configfile: "params.yaml"
 
@@ -22,8 +22,8 @@ check_machine(PARAMS, job_device(GPU_POOL), "params.yaml")  # what this machine 
 
 wildcard_constraints:
     model="[A-Za-z0-9_]+",
-    precision="fp16|bf16|int8|nf4",
-    strategy="single|zero2|zero3",
+    precision="|".join(PRECISIONS),
+    strategy="|".join(STRATEGIES),
 
 
 include: "rules/prepare.smk"

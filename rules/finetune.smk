@@ -13,7 +13,7 @@ rule train:
         timing="results/metrics/timing/{model}-{precision}-{strategy}.json",
         live_metrics="results/live/{model}-{precision}-{strategy}/metrics.json",
         live_plots=expand("results/live/{{model}}-{{precision}}-{{strategy}}/plots/metrics/train/{key}.tsv",
-                          key=("loss", "learning_rate", "grad_norm")),
+                          key=LIVE_KEYS),
     params:
         values=lambda w: param_values(config, "train", model=w.model, precision=w.precision, strategy=w.strategy),
     log:

@@ -43,18 +43,23 @@ def builtin_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def params_with(tmp_path: Path, **sections) -> Path:
-    """A copy of the default params.yaml with some sections' keys replaced; returns its path."""
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, mapping into mapping at every depth (other values replace)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def params_with(dest: Path, base: Path | None = None, **sections) -> Path:
+    """The one way tests change params: `base` (default: the project's params.yaml) with `sections` merged in
+    (nested mappings merge, other values replace), written to `dest`/params.yaml (`dest` may be a project
+    copy: editing its own params.yaml in place). Returns the file's path."""
     import yaml
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(raw.get(section), dict):
-            raw[section].update(values)
-        else:
-            raw[section] = values
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw = yaml.safe_load(((base or ROOT / "params.yaml")).read_text(encoding="utf-8"))
+    path = Path(dest) / "params.yaml"
+    path.write_text(yaml.safe_dump(merged(raw, sections), sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
 

@@ -362,10 +362,10 @@ def test_snakemake_refuses_more_gpus_than_its_resources_at_parse_time():
     ("fp16", "tiny-fp16-zero3: DeepSpeed on CPU has no fp16 mode"),  # this machine's limit, not the matrix's
 ])
 def test_an_impossible_matrix_stops_snakemake_and_dvc_before_any_job(tmp_path, precision, reason):
-    from tests.test_workflow import ENV, edit_params, make_project
+    from tests.test_workflow import ENV, make_project
 
     repo = make_project(tmp_path)
-    edit_params(repo, matrix_zero={"precision": [precision]})
+    params_with(repo, repo / "params.yaml", matrix_zero={"precision": [precision]})
     smk = subprocess.run(["snakemake", "--cores", "1"], cwd=repo, env=ENV, capture_output=True, text=True)
     assert smk.returncode != 0 and reason in smk.stdout + smk.stderr
     subprocess.run(["dvc", "init", "-q", "-f"], cwd=repo, env=ENV, check=True)

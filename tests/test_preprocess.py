@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.conftest import params_with
 from workflow import cli, tasks
 from workflow.params import Columns, load_params
 from workflow.preprocess import load_rows, main, preprocess, split_rows
@@ -306,18 +306,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, params):
         assert message in text and str(path) in text and "\n" not in text, name
 
 
-def _params_file(tmp_path: Path, **data) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"].update(data)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def test_failed_cli_run_leaves_no_output(tmp_path, capsys, bpe_tokenizer_dir):
     for name, path, message in _bad_sources(tmp_path):
         out = tmp_path / "out" / "tiny"
-        params_file = _params_file(tmp_path, source=str(path), eval_size=1)
+        params_file = params_with(tmp_path, data={"source": str(path), "eval_size": 1})
         argv = ["--params", str(params_file), "--model", "tiny", "--model-dir", str(bpe_tokenizer_dir),
                 "--out", str(out)]
         assert cli.run(main, argv) == 1, name
@@ -363,7 +355,8 @@ def test_report(tmp_path, params, bpe_tokenizer_dir):
 def test_cli_end_to_end(tmp_path, bpe_tokenizer_dir):
     from datasets import load_from_disk
 
-    params_file = _params_file(tmp_path, source="builtin:tasks", builtin_rows=60, eval_size=8, max_length=96)
+    params_file = params_with(tmp_path, data={"source": "builtin:tasks", "builtin_rows": 60, "eval_size": 8,
+                                             "max_length": 96})
     out = tmp_path / "results" / "data" / "tiny"
     cmd = [sys.executable, "-m", "workflow.preprocess", "--params", str(params_file), "--model", "tiny",
            "--model-dir", str(bpe_tokenizer_dir), "--out", str(out)]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import params_with
 from workflow import cli, preprocess
 from workflow.errors import StepError
 from workflow.modeling import load_base, load_tokenizer
@@ -97,8 +98,6 @@ def test_old_model_code_is_one_clear_error(old_code_model):
 
 
 def test_preprocess_step_prints_one_error_line(old_code_model, tmp_path, capsys):
-    from conftest import params_with
-
     params = params_with(tmp_path, models={"tiny": {"source": str(old_code_model), "trust_remote_code": True}})
     rc = cli.run(preprocess.main, ["--params", str(params), "--model", "tiny", "--model-dir", str(old_code_model),
                                    "--out", str(tmp_path / "data"), "--report", str(tmp_path / "report.json")])

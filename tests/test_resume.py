@@ -254,10 +254,10 @@ def kill_tree_after_checkpoint(cmd: list[str], repo: Path, environ: dict) -> Non
 
 
 def test_snakemake_rerun_incomplete_and_dvc_repro_resume(tmp_path):
-    from tests.test_workflow import ENV, edit_params, make_project, sh
+    from tests.test_workflow import ENV, make_project, sh
 
     repo = make_project(tmp_path)
-    edit_params(repo, matrix={"precision": ["fp16"]}, train=TRAIN)
+    params_with(repo, repo / "params.yaml", matrix={"precision": ["fp16"]}, train=TRAIN)
     sh(["snakemake", "--cores", "1", "results/data/tiny"], repo)
     metrics = repo / "results/metrics/train" / f"{VARIANT}.json"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from tests.conftest import params_with
 from workflow import cli
 from workflow.download import download_model, main
 from workflow.params import ParamsError, load_params
@@ -25,12 +25,9 @@ SECRET = "hf_do_not_print_me_31337"
 
 
 def write_params(tmp_path: Path, **models) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["download"].update(cache_dir=str(tmp_path / "cache"), offline=True, timeout_s=2)
-    raw["models"].update(models)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """params.yaml with these `models` added and the hubs offline, failing fast."""
+    return params_with(tmp_path, download={"cache_dir": str(tmp_path / "cache"), "offline": True, "timeout_s": 2},
+                       models=models)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

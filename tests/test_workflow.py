@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow.stages import CODE, param_keys
+from tests.conftest import params_with
+from workflow.stages import CODE, dvc_yaml, param_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,21 +44,8 @@ def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
-def edit_params(repo: Path, **sections) -> None:
-    path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        node = raw[section]
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(node.get(key), dict):
-                node[key].update(value)
-            else:
-                node[key] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def make_project(dest: Path) -> Path:
-    """A git + DVC copy of the tracked project files with the SMALL params committed."""
+def make_project(dest: Path, params: dict | None = None) -> Path:
+    """A git + DVC copy of the tracked project files with the SMALL params (or `params`) committed."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     files += [p for p in subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT,
                                          capture_output=True, text=True, check=True).stdout.split()]
@@ -65,7 +53,11 @@ def make_project(dest: Path) -> Path:
         if (ROOT / name).is_file() and not name.startswith("results/"):  # a fresh project: no results
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-    edit_params(dest, **{k: {"tiny-llama": v} if k == "builtin" else v for k, v in SMALL.items()})
+    if params is None:
+        params_with(dest, dest / "params.yaml", **{k: {"tiny-llama": v} if k == "builtin" else v
+                                                   for k, v in SMALL.items()})
+    else:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     sh(["git", "init", "-q"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-qm", "project"], dest)
@@ -92,6 +84,19 @@ def test_snakemake_lint_and_dry_run_are_fast():
     dry = sh(["snakemake", "-n", "--forceall", "--cores", "1", "--quiet", "rules"], ROOT).stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", dry, flags=re.M))
     assert counts["train"] == counts["merge"] == counts["evaluate"] == str(len(VARIANTS))
+
+
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    assert (ROOT / "dvc.yaml").read_text(encoding="utf-8") == dvc_yaml(), \
+        "dvc.yaml is out of date with workflow/stages.py: run `python -m workflow.stages --write`"
+
+
+def test_code_deps_are_each_steps_import_closure():
+    """A module a step imports, even inside a function, is a dependency; one it never imports is not."""
+    assert "workflow/templates.py" in CODE["report"]  # params.py imports it to check template names
+    assert {"workflow/convert/__init__.py", "workflow/convert/chatglm.py"} <= set(CODE["download"])
+    assert "workflow/builtin.py" in CODE["download"]  # imported inside download_model only
+    assert not {"workflow/trainer.py", "workflow/convert/shards.py"} & set(CODE["report"])
 
 
 def test_snakefile_parse_imports_no_torch():
@@ -232,7 +237,7 @@ def test_snakemake_html_report_includes_the_plots(smk_repo):
 
 
 def test_snakemake_reruns_only_the_changed_variant(smk_repo):
-    edit_params(smk_repo, variants={"int8": {"learning_rate": 0.001}})
+    params_with(smk_repo, smk_repo / "params.yaml", variants={"int8": {"learning_rate": 0.001}})
     try:
         assert dry_jobs(smk_repo) == ["evaluate"] * 2 + ["merge"] * 2 + ["report"] + ["train"] * 2  # single, zero2
         out = sh(["snakemake", "-n", "--cores", "1"], smk_repo).stdout
@@ -275,7 +280,7 @@ def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
 
 
 def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
-    edit_params(dvc_repo, variants={"int8": {"learning_rate": 0.001}})  # int8's single and zero2 variants
+    params_with(dvc_repo, dvc_repo / "params.yaml", variants={"int8": {"learning_rate": 0.001}})  # int8's single and zero2 variants
     out = sh(["dvc", "repro"], dvc_repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert ran == {f"{step}@tiny-int8-{s}" for step in ("train", "merge", "evaluate") for s in ("single", "zero2")

@@ -8,7 +8,6 @@ a fingerprint of everything the variant's training depends on, and count as comp
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from workflow import cli
 from workflow.io import read_json
 from workflow.params import Params
+from workflow.stages import param_values
 
 log = logging.getLogger(__name__)
 CHECKPOINT_ROOT = Path("results/checkpoints")  # not a declared output: Snakemake deletes those on failure
@@ -25,19 +25,11 @@ RESUME_MODES = ("auto", "require", "never")
 
 
 def variant_fingerprint(params: Params, model: str, precision: str, strategy: str, inputs: str = "") -> str:
-    """Hash of every param the variant's training depends on (and of its input files); checkpoints carry it."""
-    relevant = {
-        "seed": params.seed,
-        "model": params.models[model].model_dump(),
-        "data": params.data.model_dump(),
-        "lora": params.lora.model_dump(),
-        "train": params.variant_train(precision).model_dump(),
-        "precision": precision,
-        "strategy": strategy,
-        "strategy_settings": params.strategy(strategy).model_dump(),
-        "inputs": inputs,
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of the params keys the train step reads (the same keys that rerun it in both DAGs) and of its
+    input files (the data among them); checkpoints carry it."""
+    values = param_values(params.model_dump(mode="json"), "train", model=model, precision=precision,
+                          strategy=strategy)
+    return hashlib.sha256(f"{values}\n{inputs}".encode()).hexdigest()[:16]
 
 
 def inputs_digest(model_dir: Path, data_dir: Path) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from workflow.errors import ParamsError
 
@@ -19,6 +19,9 @@ PRECISIONS = ("fp16", "bf16", "int8", "nf4")
 STRATEGIES = ("single", "zero2", "zero3")
 ZERO_STAGES = {"zero2": 2, "zero3": 3}  # DeepSpeed ZeRO stage of each distributed strategy
 DTYPES = ("bfloat16", "float16", "float32")
+Precision = Literal[PRECISIONS]  # the names, defined once above
+StrategyName = Literal[STRATEGIES]
+Dtype = Literal[DTYPES]
 NAME_RE = r"^[A-Za-z0-9_]+$"  # model keys become wildcards and path parts: no '-', '/', spaces
 
 
@@ -28,8 +31,8 @@ class _Strict(BaseModel):
 
 class Matrix(_Strict):
     model: list[str] = Field(min_length=1)
-    precision: list[Literal["fp16", "bf16", "int8", "nf4"]] = Field(min_length=1)
-    strategy: list[Literal["single", "zero2", "zero3"]] = Field(min_length=1)
+    precision: list[Precision] = Field(min_length=1)
+    strategy: list[StrategyName] = Field(min_length=1)
 
 
 class ZeroMatrix(_Strict):
@@ -38,8 +41,8 @@ class ZeroMatrix(_Strict):
     so it stays in params.yaml; an empty list runs none."""
 
     model: list[str]
-    precision: list[Literal["fp16", "bf16", "int8", "nf4"]]
-    strategy: list[Literal["zero2", "zero3"]]
+    precision: list[Precision]
+    strategy: list[Literal[tuple(ZERO_STAGES)]]
 
 
 class ModelEntry(_Strict):
@@ -49,7 +52,7 @@ class ModelEntry(_Strict):
     trust_remote_code: bool = False  # run Python code shipped with the model (config.json `auto_map`)
     allow_unpinned: bool = False  # opt out of the pinned-revision rule for remote sources
     allow_pickle: bool = False  # also use pickle weights (*.bin, *.pt): loading them can run arbitrary code
-    trained_dtype: Literal["bfloat16", "float16", "float32"] | None = None  # dtype the model was pre-trained in
+    trained_dtype: Dtype | None = None  # dtype the model was pre-trained in
     force_fp16: bool = False  # fine-tune in fp16 even though trained_dtype is bfloat16 (overflow risk)
 
     @model_validator(mode="before")
@@ -165,23 +168,17 @@ class Train(_Strict):
     optim: str | None = None  # None: the precision's default optimizer
 
 
-class VariantOverride(_Strict):
-    """Per-precision overrides: the same keys as `train`, all optional."""
+def _optional(field) -> object:
+    """A field's type, constraints included, that also takes None."""
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return kind | None
 
-    max_steps: int | None = Field(default=None, ge=-1)
-    num_train_epochs: float | None = Field(default=None, gt=0)
-    per_device_train_batch_size: int | None = Field(default=None, gt=0)
-    gradient_accumulation_steps: int | None = Field(default=None, gt=0)
-    learning_rate: float | None = Field(default=None, gt=0)
-    lr_scheduler_type: str | None = None
-    warmup_steps: int | None = Field(default=None, ge=0)
-    weight_decay: float | None = Field(default=None, ge=0)
-    gradient_checkpointing: bool | None = None
-    logging_steps: int | None = Field(default=None, gt=0)
-    save_steps: int | None = Field(default=None, gt=0)
-    max_grad_norm: float | None = Field(default=None, gt=0)
-    adam_epsilon: float | None = Field(default=None, gt=0)
-    optim: str | None = None
+
+# Per-precision overrides: every key of `train`, optional, with the same bounds (derived, never repeated).
+VariantOverride = create_model(
+    "VariantOverride", __base__=_Strict,
+    **{name: (_optional(field), None) for name, field in Train.model_fields.items()},
+)
 
 
 class Strategy(_Strict):
@@ -245,8 +242,8 @@ class Params(_Strict):
     data: Data
     lora: Lora
     train: Train
-    variants: dict[Literal["fp16", "bf16", "int8", "nf4"], VariantOverride] = {}
-    strategies: dict[Literal["single", "zero2", "zero3"], Strategy] = {}
+    variants: dict[Precision, VariantOverride] = {}
+    strategies: dict[StrategyName, Strategy] = {}
     distributed: Distributed = Distributed()
     merge: Merge
     evaluate: Evaluate

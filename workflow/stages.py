@@ -1,17 +1,21 @@
-"""What each step reads: its params.yaml keys and its code. Shared by the Snakefile and the DAG tests.
+"""The stage table: what each step reads and writes. The one place both DAGs take their decisions from.
 
-dvc.yaml lists the same keys and code files per stage (tests/test_workflow.py checks it), so a
-change to one variant's params or to one step's code reruns the same jobs in both orchestrators.
+`dvc.yaml` is generated from it (`python -m workflow.stages --write`; a test checks the committed file is
+current). The Snakemake rules take their code deps and params keys from it, and a test checks that both DAGs
+run the same commands with the same outputs. Adding a step: one `Stage` here, its module
+`workflow/<step>.py` and its rule in `rules/`. Imports nothing heavy (the Snakefile imports it at parse time).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-STEPS = ("download", "preprocess", "train", "merge", "evaluate", "report")
 
 
 def _module_files(name: str) -> list[Path]:
@@ -52,18 +56,96 @@ def code_deps(step: str) -> list[str]:
     return sorted(p.relative_to(PACKAGE.parent).as_posix() for p in seen)
 
 
+VARIANT = "{model}-{precision}-{strategy}"
+LIVE_KEYS = ("loss", "learning_rate", "grad_norm")  # dvclive plot files the train step writes, one per key
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step: its command's path options (in order), what it reads and writes, and its params keys.
+
+    Paths use {model}/{precision}/{strategy}. `over`: "model" (a job per model), "variant" (a job per
+    variant of `matrix` and of `matrix_zero`) or "" (one job). `options` are (flag, path); `inputs` lists
+    the flags that are inputs. outs/metrics are paths (metrics: JSON files `dvc metrics` reads; both
+    orchestrators' outputs); `plots` are (path, x, y) of outputs DVC also plots.
+    """
+
+    step: str
+    over: str
+    options: tuple[tuple[str, str], ...]
+    inputs: tuple[str, ...]
+    outs: tuple[str, ...]
+    params: tuple[str, ...]
+    metrics: tuple[str, ...] = ()
+    plots: tuple[tuple[str, str, str], ...] = ()
+    inputs_extra: tuple[str, ...] = ()  # inputs that are no option of the command (report: metric dirs)
+
+    def command(self, **wildcards: str) -> str:
+        """The step's command line; wildcards left as {model} etc. when not given."""
+        return " ".join(self.command_parts(**wildcards))
+
+    def command_parts(self, **wildcards: str) -> list[str]:
+        """The command as the program and `--option value` pairs."""
+        keys = {"model": "--model"} if self.over else {}
+        if self.over == "variant":
+            keys |= {"precision": "--precision", "strategy": "--strategy"}
+        fill = {k: wildcards.get(k, "{" + k + "}") for k in ("model", "precision", "strategy")}
+        parts = [f"python -m workflow.{self.step} --params params.yaml"]
+        parts += [f"{flag} {fill[k]}" for k, flag in keys.items()]
+        parts += [f"{flag} {path.format(**fill)}" for flag, path in self.options]
+        return parts
+
+    def deps(self) -> list[str]:
+        """Data inputs (paths), after the code."""
+        return [path for flag, path in self.options if flag in self.inputs] + list(self.inputs_extra)
+
+
+_LIVE = f"results/live/{VARIANT}"
+STAGES: dict[str, Stage] = {s.step: s for s in (
+    Stage("download", "model", (("--out", "results/models/{model}"),), (),
+          outs=("results/models/{model}",), params=("seed", "models.{model}", "builtin", "download")),
+    Stage("preprocess", "model",
+          (("--model-dir", "results/models/{model}"), ("--out", "results/data/{model}"),
+           ("--report", "results/metrics/data/{model}.json")), ("--model-dir",),
+          outs=("results/data/{model}",), metrics=("results/metrics/data/{model}.json",),
+          params=("seed", "models.{model}", "data")),
+    Stage("train", "variant",
+          (("--model-dir", "results/models/{model}"), ("--data", "results/data/{model}"),
+           ("--out", f"results/adapters/{VARIANT}"), ("--metrics", f"results/metrics/train/{VARIANT}.json"),
+           ("--curve", f"results/plots/loss/{VARIANT}.csv"), ("--timing", f"results/metrics/timing/{VARIANT}.json"),
+           ("--live", _LIVE)), ("--model-dir", "--data"),
+          outs=(f"results/adapters/{VARIANT}", f"results/plots/loss/{VARIANT}.csv"),
+          metrics=(f"results/metrics/train/{VARIANT}.json", f"results/metrics/timing/{VARIANT}.json",
+                   f"{_LIVE}/metrics.json"),
+          plots=tuple((f"{_LIVE}/plots/metrics/train/{k}.tsv", "step", k) for k in LIVE_KEYS),
+          params=("seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}")),
+    Stage("merge", "variant",
+          (("--model-dir", "results/models/{model}"), ("--adapter", f"results/adapters/{VARIANT}"),
+           ("--data", "results/data/{model}"), ("--out", f"results/merged/{VARIANT}"),
+           ("--metrics", f"results/metrics/merge/{VARIANT}.json")), ("--model-dir", "--adapter", "--data"),
+          outs=(f"results/merged/{VARIANT}",), metrics=(f"results/metrics/merge/{VARIANT}.json",),
+          params=("models.{model}", "merge", "evaluate")),
+    Stage("evaluate", "variant",
+          (("--model-dir", "results/models/{model}"), ("--adapter", f"results/adapters/{VARIANT}"),
+           ("--merged", f"results/merged/{VARIANT}"), ("--data", "results/data/{model}"),
+           ("--metrics", f"results/metrics/eval/{VARIANT}.json"),
+           ("--predictions", f"results/predictions/{VARIANT}.jsonl")),
+          ("--model-dir", "--adapter", "--merged", "--data"),
+          outs=(f"results/predictions/{VARIANT}.jsonl",), metrics=(f"results/metrics/eval/{VARIANT}.json",),
+          params=("seed", "models.{model}", "evaluate", "generate")),
+    Stage("report", "",
+          (("--metrics-dir", "results/metrics"), ("--curves-dir", "results/plots/loss"),
+           ("--out", "results/report")), (),
+          inputs_extra=("results/metrics/train", "results/metrics/timing", "results/metrics/merge",
+                        "results/metrics/eval", "results/plots/loss"),
+          outs=tuple(f"results/report/{f}" for f in ("summary.md", "summary.csv", "loss_curves.png",
+                                                     "memory_vs_eval_loss.png", "tokens_per_s.png")),
+          params=("matrix", "matrix_zero", "models")),
+)}
+STEPS = tuple(STAGES)
 # Code files each step depends on: a change to one reruns the step's jobs in both orchestrators.
 CODE: dict[str, list[str]] = {step: code_deps(step) for step in STEPS}
-
-# params.yaml keys per step; {model}/{precision}/{strategy} are filled per job (DVC: ${item.model}, ...).
-PARAM_KEYS: dict[str, list[str]] = {
-    "download": ["seed", "models.{model}", "builtin", "download"],
-    "preprocess": ["seed", "models.{model}", "data"],
-    "train": ["seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}"],
-    "merge": ["models.{model}", "merge", "evaluate"],
-    "evaluate": ["seed", "models.{model}", "evaluate", "generate"],
-    "report": ["matrix", "matrix_zero", "models"],
-}
+PARAM_KEYS: dict[str, list[str]] = {step: list(stage.params) for step, stage in STAGES.items()}
 
 
 def param_keys(step: str, **wildcards: str) -> list[str]:
@@ -101,3 +183,104 @@ def node_count(params, strategy: str) -> int:
     """Nodes one job of `strategy` asks the cluster for (`nodes: slurm` takes what `--set-resources` gives)."""
     nodes = params.strategy(strategy).nodes
     return nodes if isinstance(nodes, int) else 1
+
+
+# --- dvc.yaml, generated ------------------------------------------------------------------------------------
+
+DVC_YAML = Path("dvc.yaml")
+_HEADER = """\
+# GENERATED from the stage table in workflow/stages.py: edit that, then run `python -m workflow.stages --write`
+# (tests/test_workflow.py fails while this file is out of date). The matrix is read from params.yaml at
+# `dvc repro` time, so editing the matrix there needs no regeneration.
+# The same DAG as the Snakefile: each stage runs the same `python -m workflow.<step>` command as its rule.
+# Outputs are not cached (cache: false): models and adapters are rebuilt from params, and DVC never rewrites
+# their timestamps, so Snakemake sees the same finished work after `dvc repro` (see README).
+"""
+_ITEM = {k: "${item." + k + "}" for k in ("model", "precision", "strategy")}
+_TOP_PLOTS = """\
+# `dvc plots show`: the training loss curve of every variant (one chart per variant CSV; the report's
+# loss_curves.png has them all on one chart), and the report's images.
+plots:
+  - results/plots/loss:
+      x: step
+      y: loss
+"""
+
+
+def _wrap(parts: list[str], first: str, indent: str, width: int = 118) -> list[str]:
+    """`first` + the parts as a YAML plain scalar folded over lines of at most `width` where it can (a line
+    breaks between parts only: every `--option value` stays on one line)."""
+    lines, line = [], first + parts[0]
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) > width:
+            lines.append(line)
+            line = indent + part
+        else:
+            line = f"{line} {part}"
+    return lines + [line]
+
+
+def _stage_yaml(stage: Stage, name: str) -> list[str]:
+    item = lambda path: path.format(**_ITEM)  # noqa: E731
+    out = [f"  {name}:" + (f" &{name}" if stage.over == "variant" else "")]
+    if stage.over:
+        out.append("    matrix:")
+        keys = ("model",) if stage.over == "model" else ("model", "precision", "strategy")
+        out += [f"      {k}: ${{matrix.{k}}}" for k in keys]
+    out += _wrap(stage.command_parts(**_ITEM), "    cmd: ", "      ")
+    out.append("    deps:")
+    out += [f"      - {f}" for f in CODE[stage.step]] + [f"      - {item(p)}" for p in stage.deps()]
+    out.append("    params:")
+    out += [f"      - {item(k)}" for k in stage.params]
+    for section, paths in (("outs", stage.outs), ("metrics", stage.metrics)):
+        if paths:
+            out.append(f"    {section}:")
+            for path in paths:
+                out += [f"      - {item(path)}:", "          cache: false"]
+    if stage.plots:
+        out.append("    plots:  # written live by dvclive while training (workflow/trainer.py LiveCallback)")
+        for path, x, y in stage.plots:
+            out += [f"      - {item(path)}:", "          cache: false", f"          x: {x}", f"          y: {y}"]
+    return out
+
+
+def dvc_yaml() -> str:
+    """dvc.yaml's text: a stage per step (variant steps over `matrix`, and again over `matrix_zero`)."""
+    lines = [_HEADER, "stages:"]
+    for stage in STAGES.values():
+        if stage.step == "report":
+            lines.append("  # The same stages over `matrix_zero` (the DeepSpeed runs): YAML merge keys copy all but the matrix.")
+            first = True
+            for other in STAGES.values():
+                if other.over == "variant":
+                    lines += [f"  {other.step}_zero:", f"    <<: *{other.step}"]
+                    if first:
+                        lines += ["    matrix: &zero"] + [f"      {k}: ${{matrix_zero.{k}}}"
+                                                          for k in ("model", "precision", "strategy")]
+                        first = False
+                    else:
+                        lines.append("    matrix: *zero")
+                    lines.append("")
+        lines += _stage_yaml(stage, stage.step) + [""]
+    plots = [f"  - {p}" for p in STAGES["report"].outs if p.endswith(".png")]
+    return "\n".join(lines) + "\n" + _TOP_PLOTS + "\n".join(plots) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workflow.stages", description="Write or check dvc.yaml.")
+    p.add_argument("--write", action="store_true", help="write dvc.yaml from the stage table")
+    args = p.parse_args(argv)
+    text = dvc_yaml()
+    if args.write:
+        DVC_YAML.write_text(text, encoding="utf-8")
+        return 0
+    current = DVC_YAML.read_text(encoding="utf-8") if DVC_YAML.is_file() else ""
+    if current != text:
+        print("error: dvc.yaml is out of date with workflow/stages.py; run `python -m workflow.stages --write`",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

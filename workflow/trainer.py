@@ -26,6 +26,7 @@ from workflow.modeling import (device_name, linear_weight_bits, load_base, load_
                                weight_bytes)
 from workflow.params import ZERO_STAGES, Params, variant_id
 from workflow.precision import resolve_precision
+from workflow.stages import LIVE_KEYS  # the plot files both DAGs declare
 
 log = logging.getLogger(__name__)
 _GC_KWARGS = {"use_reentrant": False}  # explicit, as torch requires; no input-grad hack needed but kept (seeds)
@@ -51,7 +52,6 @@ class LogCallback(TrainerCallback):
                                                     for k, v in (logs or {}).items()})
 
 
-LIVE_KEYS = ("loss", "learning_rate", "grad_norm")  # one dvclive plot file each; rules/dvc.yaml list them
 
 
 class LiveCallback(TrainerCallback):
