@@ -8,14 +8,19 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import params_with
+from tests.conftest import ROOT, params_with
 from workflow import train as train_step
 from workflow.cli import StepError
-from workflow.evaluate import evaluate_variant, prompts_and_references
+from workflow.evaluate import evaluate_variant, generate_answers, prompts_and_references
 from workflow.merge import merge_variant
 from workflow.modeling import eval_batches, load_tokenizer, logits_of
 from workflow.params import load_params
+from workflow.precision import resolve_precision
 from workflow.quality import quality
+from workflow.templates import get_template
+from workflow.tokenize import stop_ids
+
+ROOT_PARAMS = ROOT / "params.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +133,39 @@ def test_evaluate_reports_base_adapter_merged(trained, builtin_model_dir, tiny_d
     assert m["avg_gen_tokens_merged"] < 4  # the default answers are a few tokens
 
 
-def test_prompts_and_references_split_rows_by_the_labels_mask():
-    """Right-padded rows: prompt = ids under label -100, reference = labelled ids minus the final eos."""
-    eos, pad = 2, 2
+def test_prompts_and_references_cut_at_the_final_reply():
+    """Right-padded rows: prompt = ids before reply_start (a multi-turn row's earlier, labelled reply is part
+    of it), reference = the final reply's labels minus its stop token (any of the template's)."""
+    eos, pad, im_end = 2, 2, 3
     batch = {
-        "input_ids": torch.tensor([[5, 6, 7, 8, eos, pad], [5, 9, 11, 12, 13, 4]]),
-        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
-        "labels": torch.tensor([[-100, -100, 7, 8, eos, -100], [-100, -100, -100, 12, 13, 4]]),  # row 2: cut
+        "input_ids": torch.tensor([[5, 6, 7, 8, eos, pad, pad], [5, 9, 11, 12, 13, 4, pad],
+                                   [5, 20, 21, 6, 22, 23, im_end]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1] * 7]),
+        "labels": torch.tensor([[-100, -100, 7, 8, eos, -100, -100],
+                                [-100, -100, -100, 12, 13, 4, -100],  # cut by truncate_end: no stop token
+                                [-100, 20, 21, -100, -100, 23, im_end]]),  # history reply 20 21, then 6 22
+        "reply_start": torch.tensor([2, 3, 5]),
     }
-    assert prompts_and_references([batch], eos) == [([5, 6], [7, 8]), ([5, 9, 11], [12, 13, 4])]
+    assert prompts_and_references([batch], [eos, im_end]) == [
+        ([5, 6], [7, 8]), ([5, 9, 11], [12, 13, 4]), ([5, 20, 21, 6, 22], [23])]
+
+
+def test_generation_stops_at_any_stop_word_and_cuts_there(builtin_model_dir):
+    """A stop id other than eos ends the generation (as ChatGLM3's <|user|> does) and nothing after it is kept."""
+    from workflow.modeling import load_base
+
+    tok = load_tokenizer(builtin_model_dir, False, "chatglm3")
+    ids = stop_ids(tok, get_template("chatglm3"))
+    assert ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<|user|>"), tok.convert_tokens_to_ids("<|observation|>")]
+    model = load_base(builtin_model_dir, resolve_precision("bf16", "cpu")).eval()
+    gen = load_params(ROOT_PARAMS).generate.model_copy(update={"max_new_tokens": 8})
+    prompt = tok("Human: what is 2 + 3?\n\nAssistant: ", add_special_tokens=False)["input_ids"]
+    free = generate_answers(model, tok, [(prompt, [])], gen, [-1])[0]  # -1: never generated, runs to the end
+    assert not free["stopped"] and free["tokens"] == 8
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=[-1])[0, len(prompt):].tolist()
+    third = out[2]  # stop at the third token greedy decoding produces
+    cut = generate_answers(model, tok, [(prompt, [])], gen, [-1, third])[0]
+    first = out.index(third)
+    assert cut["stopped"] and cut["stop"] == tok.convert_ids_to_tokens(third) and cut["tokens"] == first
+    assert cut["prediction"] == tok.decode(out[:first], skip_special_tokens=True).strip()

@@ -9,7 +9,7 @@ from workflow.quality import bleu4, char_tokens, exact_match, quality, rouge_l, 
 
 
 def row(prediction, reference, stopped=True, tokens=1):
-    return {"prediction": prediction, "reference": reference, "stopped_at_eos": stopped, "tokens": tokens}
+    return {"prediction": prediction, "reference": reference, "stopped": stopped, "tokens": tokens}
 
 
 def test_char_tokens_split_chinese_and_english_by_character():

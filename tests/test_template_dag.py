@@ -15,6 +15,7 @@ from workflow.params import load_params
 from workflow.preprocess import preprocess
 
 STOP = {"chatglm3": "</s>", "qwen": "<|im_end|>"}
+STOP_WORDS = {"chatglm3": {"</s>", "<|user|>", "<|observation|>"}, "qwen": {"<|im_end|>", "<|endoftext|>"}}
 PAD = {"chatglm3": "<pad>", "qwen": "<|endoftext|>"}
 
 
@@ -48,8 +49,12 @@ def test_template_runs_through_the_dag(template, builtin_model_dir, tmp_path):
     merge = merge_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter", data_dir,
                           tmp_path / "merged")
     assert merge["merge_max_abs_logit_diff"] <= merge["merge_tolerance"]
-    ev, _ = evaluate_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter",
-                          tmp_path / "merged", data_dir)
+    ev, rows = evaluate_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter",
+                                tmp_path / "merged", data_dir)
     assert ev["eval_rows"] == 32
+    assert ev["eos_stop_rate_adapter"] > 0.9  # stops at the template's own stop (qwen: <|im_end|>, not eos)
+    for r in rows:  # a stopped answer is cut at its stop: nothing generated after it is scored
+        assert r["stopped"] == (r["stop"] is not None) and (not r["stopped"] or r["stop"] in STOP_WORDS[template])
+    assert {r["stop"] for r in rows if r["model"] == "adapter" and r["stopped"]} == {STOP[template]}
     assert ev["eval_loss_adapter"] < 0.5 * ev["eval_loss_base"]  # it learned the template, stop token included
     assert abs(ev["eval_loss_merged"] - ev["eval_loss_adapter"]) < 0.05

@@ -222,3 +222,17 @@ def test_truncation_modes(tok, name):
     assert out["kept"] == [0, 2] and out["too_long"] == [1] and out["truncated"] == out["eos_truncated"] == [2]
     ids, labels = cols["input_ids"][1], cols["labels"][1]
     assert ids == full[2][0][:max_length] and labels == full[2][1][:max_length] and labels[-1] != stop
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multi_turn_generation_prompt_ends_with_the_last_user_turn(tok, name):
+    """preprocess stores reply_start: the generation prompt is every turn before the final reply."""
+    template = get_template(name)
+    prepare_tokenizer(tok, template)
+    cols, _ = tokenize_rows([MULTI], tok, template, max_length=512)
+    start = cols["reply_start"][0]
+    prompt = tok.decode(cols["input_ids"][0][:start])
+    full = EXPECTED[name]["multi"]
+    reply = {"chatglm3": "\n5</s>", "qwen": "5<|im_end|>"}.get(name, "5</s>")
+    assert full == prompt + reply  # ends with the last user turn and its assistant header, history before it
+    assert prompt.count("duolc") == 1 and prompt.count("hi") >= 1

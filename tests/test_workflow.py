@@ -200,7 +200,7 @@ def test_snakemake_end_to_end(smk_repo):
         predictions = (smk_repo / f"results/predictions/tiny-{precision}-single.jsonl").read_text().splitlines()
         assert len(predictions) == 3 * SMALL["evaluate"]["max_eval_rows"]  # base, adapter, merged
         assert set(json.loads(predictions[0])) == {"model", "row", "prompt", "reference", "prediction",
-                                                   "stopped_at_eos", "tokens"}
+                                                   "stopped", "tokens"}
         timing = read_metrics(smk_repo, "timing", precision)
         assert timing["tokens_per_s"] > 0 and timing["peak_memory_kind"] == "cpu_peak_rss"
         live = smk_repo / f"results/live/tiny-{precision}-single"
@@ -220,8 +220,9 @@ def test_snakemake_end_to_end(smk_repo):
     rows = list(csv.DictReader((smk_repo / "results/report/summary.csv").read_text().splitlines()))
     assert [r["variant"] for r in rows] == list(VARIANTS)  # a row per precision x strategy
     for row in rows:
+        assert row["reference"] == "bf16"  # report.reference: every group of the default runs bf16
         if row["precision"] == "bf16":
-            assert float(row["mem x bf16"]) == float(row["tokens/s x bf16"]) == float(row["eval loss x bf16"]) == 1
+            assert float(row["mem x ref"]) == float(row["tokens/s x ref"]) == float(row["eval loss x ref"]) == 1
     assert all(r["template"] == "human_assistant" for r in rows)
     assert [r["strategy"] for r in rows] == ["single"] * 4 + ["zero2"] * 4 + ["zero3"] * 2
     for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png"):

@@ -4,10 +4,10 @@ The base and the adapter model are loaded as trained (quantized for int8/nf4), s
 precision costs; the merged model is the unquantized base with the adapter folded in, as it will be served.
 Every loss is the token-weighted mean cross-entropy over the eval split's response tokens.
 
-Generation: the prompt of each eval row is its input_ids where labels == -100 (the tokenized template
-prompt), the reference its labelled ids without the final eos; both come from the same split the loss uses,
-so nothing is re-rendered. Prompts are left-padded and decoded as `generate` in params.yaml says (greedy by
-default). Every generation goes to the predictions JSONL; `workflow.quality` scores them. The metrics file
+Generation: the prompt of each eval row is its input_ids before the final reply (`reply_start`, written by
+preprocess: after every earlier turn), the reference that reply's labels without its stop token; both come
+from the same split the loss uses, so nothing is re-rendered. Prompts are left-padded and decoded as
+`generate` in params.yaml says (greedy by default) until any of the template's stop words. Every generation goes to the predictions JSONL; `workflow.quality` scores them. The metrics file
 holds only values that are deterministic for a given params.yaml.
 """
 
@@ -31,57 +31,57 @@ from workflow.modeling import eval_batches, load_base, load_tokenizer, load_unqu
 from workflow.params import Generate, Params, variant_id
 from workflow.precision import resolve_precision
 from workflow.quality import quality
+from workflow.templates import get_template
+from workflow.tokenize import left_pad, stop_ids
 
 log = logging.getLogger(__name__)
 MODELS = ("base", "adapter", "merged")
 IGNORE_INDEX = -100  # label of prompt and padding tokens in the preprocessed splits
 
 
-def prompts_and_references(batches: list[dict], eos_id: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, reference ids) per eval row: the unlabelled prefix, and the labels minus the final eos."""
+def prompts_and_references(batches: list[dict], stops: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) per eval row: the ids before the final reply (`reply_start`: after every
+    earlier turn of a multi-turn row), and that reply's labels without the stop token closing it."""
     pairs = []
     for batch in batches:
-        for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
-                                     batch["attention_mask"].tolist()):
+        for ids, labels, mask, start in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                            batch["attention_mask"].tolist(), batch["reply_start"].tolist()):
             n = sum(mask)  # right padding: the row's real tokens come first
-            ids, labels = ids[:n], labels[:n]
-            prompt_len = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), n)
-            reference = [label for label in labels[prompt_len:] if label != IGNORE_INDEX]
-            if reference and reference[-1] == eos_id:
+            reference = [label for label in labels[start:n] if label != IGNORE_INDEX]
+            if reference and reference[-1] in stops:
                 reference = reference[:-1]
-            pairs.append((ids[:prompt_len], reference))
+            pairs.append((ids[:start], reference))
     return pairs
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = [[pad_id] * (width - len(p)) + p for p in prompts]
-    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    return torch.tensor(ids), torch.tensor(mask)
-
-
 @torch.no_grad()
-def generate_answers(model, tokenizer, pairs: list[tuple[list[int], list[int]]], gen: Generate) -> list[dict]:
-    """Generate from every prompt; one row per prompt with the texts, the stop flag and the length."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def generate_answers(model, tokenizer, pairs: list[tuple[list[int], list[int]]], gen: Generate,
+                     stops: Sequence[int]) -> list[dict]:
+    """Generate from every prompt until any of `stops` (the template's stop words); one row per prompt with
+    the texts (the prediction cut at the stop), whether and where it stopped, and its length."""
     device = next(model.parameters()).device
+    # A list of ids: generation ends at any of them. Never None, which would override the model's own
+    # generation config (a tokenizer without an eos token, as Qwen-1's, has eos_token_id None).
     options = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
-                   repetition_penalty=gen.repetition_penalty, eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                   repetition_penalty=gen.repetition_penalty, eos_token_id=list(stops),
+                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
     if gen.do_sample:
         options.update(temperature=gen.temperature, top_p=gen.top_p)
     rows = []
     for start in range(0, len(pairs), gen.batch_size):
         chunk = pairs[start : start + gen.batch_size]
-        ids, mask = _left_padded([p for p, _ in chunk], pad)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
-        for (prompt, reference), new in zip(chunk, out[:, ids.shape[1]:].tolist()):
-            stopped = eos in new
-            answer = new[: new.index(eos)] if stopped else new
+        batch = left_pad([p for p, _ in chunk], tokenizer)
+        out = model.generate(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device), **options)
+        for (prompt, reference), new in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
+            end = next((i for i, t in enumerate(new) if t in stops), None)
+            answer = new if end is None else new[:end]
             rows.append({
                 "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                 "reference": tokenizer.decode(reference, skip_special_tokens=True).strip(),
                 "prediction": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                "stopped_at_eos": stopped,
+                "stopped": end is not None,
+                "stop": None if end is None else tokenizer.convert_ids_to_tokens(new[end]),
                 "tokens": len(answer),
             })
     return rows
@@ -110,18 +110,19 @@ def evaluate_variant(
     tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
     ev = params.evaluate
     batches = eval_batches(data_dir, tokenizer, ev.per_device_eval_batch_size, ev.max_eval_rows)
-    pairs = prompts_and_references(batches, tokenizer.eos_token_id)
+    stops = stop_ids(tokenizer, get_template(entry.template))
+    pairs = prompts_and_references(batches, stops)
 
     losses, predictions = {}, {}
     base = load_base(model_dir, plan, entry.trust_remote_code).eval()
     losses["base"] = token_loss(base, batches)[0]
-    predictions["base"] = generate_answers(base, tokenizer, pairs, params.generate)
+    predictions["base"] = generate_answers(base, tokenizer, pairs, params.generate, stops)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()  # wraps `base` in place
     losses["adapter"], tokens = token_loss(adapted, batches)
-    predictions["adapter"] = generate_answers(adapted, tokenizer, pairs, params.generate)
+    predictions["adapter"] = generate_answers(adapted, tokenizer, pairs, params.generate, stops)
     merged = load_unquantized(merged_dir, plan.load_dtype, plan.device, entry.trust_remote_code).eval()
     losses["merged"] = token_loss(merged, batches)[0]
-    predictions["merged"] = generate_answers(merged, tokenizer, pairs, params.generate)
+    predictions["merged"] = generate_answers(merged, tokenizer, pairs, params.generate, stops)
     # The QLoRA merge gap: the model as trained (quantized base + adapter) vs the merged unquantized model.
     gap = logit_gap(adapted, merged, batches)
     del adapted, base, merged

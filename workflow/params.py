@@ -232,6 +232,10 @@ class Generate(_Strict):
     batch_size: int = Field(default=16, gt=0)
 
 
+class Report(_Strict):
+    reference: Precision = "bf16"  # ratio columns divide by this precision's row (else the group's first)
+
+
 class Params(_Strict):
     matrix: Matrix
     matrix_zero: ZeroMatrix
@@ -248,6 +252,7 @@ class Params(_Strict):
     merge: Merge
     evaluate: Evaluate
     generate: Generate
+    report: Report = Report()
 
     @model_validator(mode="after")
     def _cross_refs(self) -> "Params":

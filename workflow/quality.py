@@ -84,11 +84,11 @@ def bleu4(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def quality(rows: Sequence[dict]) -> dict[str, float]:
-    """Aggregate quality of prediction rows (`prediction`, `reference`, `stopped_at_eos`, `tokens`).
+    """Aggregate quality of prediction rows (`prediction`, `reference`, `stopped`, `tokens`).
 
     ROUGE scores are means of per-row F1; BLEU-4 is corpus-level; `eos_stop_rate` is the share of rows whose
-    generation ended with the stop token within `max_new_tokens`; `avg_gen_tokens` counts generated tokens
-    before the stop token.
+    generation ended with one of the template's stop words (eos, ChatGLM3's <|user|>, Qwen's <|im_end|>, ...)
+    within `max_new_tokens`; `avg_gen_tokens` counts generated tokens before the stop.
     """
     if not rows:
         raise ValueError("no predictions to score")
@@ -101,5 +101,5 @@ def quality(rows: Sequence[dict]) -> dict[str, float]:
         "rougeL": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n,
         "bleu4": bleu4(preds, refs),
         "avg_gen_tokens": sum(r["tokens"] for r in rows) / n,
-        "eos_stop_rate": sum(bool(r["stopped_at_eos"]) for r in rows) / n,
+        "eos_stop_rate": sum(bool(r["stopped"]) for r in rows) / n,
     }

@@ -20,7 +20,6 @@ from workflow.io import atomic_dir, read_json
 from workflow.params import Params, variants
 
 PLOTS = ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png")
-REFERENCE = "bf16"  # ratios are relative to this precision's row of the same model and strategy
 
 # (column, source, key, format, table): the columns in order. Sources: the variant itself ("variant"), the
 # train/timing/merge/eval metrics files. Tables of summary.md: resources, quality, merge (the CSV has all).
@@ -33,9 +32,9 @@ COLUMNS = (
     ("linear bits/param", "train", "linear_bits_per_param", "{:.3f}", "resources"),
     ("peak mem MB", "timing", "peak_memory_bytes", "{:.0f}", "resources"),
     ("peak mem kind", "timing", "peak_memory_kind", "{}", "resources"),
-    ("mem x bf16", "ratio", "peak mem MB", "{:.2f}", "resources"),
+    ("mem x ref", "ratio", "peak mem MB", "{:.2f}", "resources"),
     ("train tokens/s", "timing", "tokens_per_s", "{:.0f}", "resources"),
-    ("tokens/s x bf16", "ratio", "train tokens/s", "{:.2f}", "resources"),
+    ("tokens/s x ref", "ratio", "train tokens/s", "{:.2f}", "resources"),
     ("samples/s", "timing", "samples_per_s", "{:.1f}", "resources"),
     ("train s", "timing", "runtime_s", "{:.1f}", "resources"),
     ("device", "timing", "device_name", "{}", "resources"),
@@ -44,7 +43,7 @@ COLUMNS = (
     ("eval loss base", "eval", "eval_loss_base", "{:.4f}", "quality"),
     ("eval loss adapter", "eval", "eval_loss_adapter", "{:.4f}", "quality"),
     ("eval loss merged", "eval", "eval_loss_merged", "{:.4f}", "quality"),
-    ("eval loss x bf16", "ratio", "eval loss merged", "{:.3f}", "quality"),
+    ("eval loss x ref", "ratio", "eval loss merged", "{:.3f}", "quality"),
     ("ppl merged", "eval", "perplexity_merged", "{:.3f}", "quality"),
     ("exact match base", "eval", "exact_match_base", "{:.3f}", "quality"),
     ("exact match adapter", "eval", "exact_match_adapter", "{:.3f}", "quality"),
@@ -78,7 +77,7 @@ def _get(metrics: dict, dotted: str):
 
 
 def collect(params: Params, metrics_dir: Path) -> list[dict]:
-    """One row per variant with raw values, in matrix order, ratios to the bf16 row included."""
+    """One row per variant with raw values, in matrix order, ratios to the reference row included."""
     rows = []
     for v in variants(params):
         files = {kind: read_json(metrics_dir / kind / f"{v['id']}.json")
@@ -92,12 +91,19 @@ def collect(params: Params, metrics_dir: Path) -> list[dict]:
             row[column] = value / 1e6 if key in _MB and value is not None else value
         rows.append(row)
     for row in rows:
-        reference = next((r for r in rows if r["model"] == row["model"] and r["strategy"] == row["strategy"]
-                          and r["precision"] == REFERENCE), None)
+        reference = reference_row(rows, row, params.report.reference)
+        row["reference"] = reference["precision"]
         for column, source, key, _, _ in COLUMNS:
             if source == "ratio":
-                row[column] = ratio(row[key], reference[key]) if reference else None
+                row[column] = ratio(row[key], reference[key])
     return rows
+
+
+def reference_row(rows: list[dict], row: dict, precision: str) -> dict:
+    """The row `row`'s ratios divide by: `precision`'s of the same model and strategy, else that group's first
+    (so every group has ratios, whatever precisions it runs)."""
+    group = [r for r in rows if r["model"] == row["model"] and r["strategy"] == row["strategy"]]
+    return next((r for r in group if r["precision"] == precision), group[0])
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
@@ -118,10 +124,13 @@ def render(rows: list[dict]) -> tuple[str, str]:
             cells = [row["variant"]] + ["-" if row[h] is None else fmt[h].format(row[h]) for h in head[1:]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(f"Ratios (x bf16) divide by the {REFERENCE} row of the same model and strategy. ROUGE and BLEU "
+    refs = sorted({f"{r['model']}/{r['strategy']}: {r['reference']}" for r in rows})
+    lines.append(f"Ratios (x ref) divide by the reference precision's row of the same model and strategy "
+                 f"(report.reference, else the group's first precision): {', '.join(refs)}. ROUGE and BLEU "
                  "tokenize by characters (every non-space character is a token).")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["variant"] + [c[0] for c in COLUMNS], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["variant"] + [c[0] for c in COLUMNS] + ["reference"],
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return "\n".join(lines) + "\n", buf.getvalue()

@@ -140,7 +140,7 @@ STAGES: dict[str, Stage] = {s.step: s for s in (
                         "results/metrics/eval", "results/plots/loss"),
           outs=tuple(f"results/report/{f}" for f in ("summary.md", "summary.csv", "loss_curves.png",
                                                      "memory_vs_eval_loss.png", "tokens_per_s.png")),
-          params=("matrix", "matrix_zero", "models")),
+          params=("matrix", "matrix_zero", "models", "report")),
 )}
 STEPS = tuple(STAGES)
 # Code files each step depends on: a change to one reruns the step's jobs in both orchestrators.

@@ -163,7 +163,8 @@ def tokenize_rows(
 ) -> tuple[dict[str, list[list[int]]], dict[str, list[int]]]:
     """Tokenize rows; return (columns, outcome) with outcome's lists of row indices per fate.
 
-    Columns: input_ids, attention_mask, labels (kept rows only, in order). Outcome keys: `kept`,
+    Columns: input_ids, attention_mask, labels, reply_start (where the final reply starts: the generation
+    prompt is input_ids[:reply_start]; kept rows only, in order). Outcome keys: `kept`,
     `truncated`, `eos_truncated` (truncate_end cut the stop token away) and `too_long` (dropped: over
     max_length with `drop`, or nothing left to learn / the reply alone too long for the other modes).
     """
@@ -187,16 +188,16 @@ def _no_gc():
 
 
 def _tokenize_rows(rows, tokenizer, template, max_length, overlong, last_turn_only):
-    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "reply_start": []}
     outcome: dict[str, list[int]] = {"kept": [], "truncated": [], "eos_truncated": [], "too_long": []}
-    for i, (ids, labels, _) in enumerate(encode(rows, tokenizer, template, last_turn_only)):
+    for i, (ids, labels, start) in enumerate(encode(rows, tokenizer, template, last_turn_only)):
         if len(ids) > max_length:
             if overlong == "truncate_prompt":
                 fitted = _fit_prompt(rows[i], tokenizer, template, max_length, last_turn_only, len(ids) - max_length)
                 if fitted is None:
                     outcome["too_long"].append(i)
                     continue
-                ids, labels = fitted
+                ids, labels, start = fitted
             elif overlong == "truncate_end":
                 ids, labels = ids[:max_length], labels[:max_length]
                 if labels.count(IGNORE_INDEX) == len(labels):
@@ -211,6 +212,7 @@ def _tokenize_rows(rows, tokenizer, template, max_length, overlong, last_turn_on
         columns["input_ids"].append(ids)
         columns["attention_mask"].append([1] * len(ids))
         columns["labels"].append(labels)
+        columns["reply_start"].append(min(start, len(ids)))
     return columns, outcome
 
 
@@ -220,15 +222,24 @@ def _fit_prompt(row, tokenizer, template, max_length, last_turn_only, excess):
         row = _shorten(row, tokenizer, excess)
         if row is None:
             return None
-        ids, labels, _ = encode([row], tokenizer, template, last_turn_only)[0]
+        ids, labels, start = encode([row], tokenizer, template, last_turn_only)[0]
         excess = len(ids) - max_length
         if excess <= 0:
-            return ids, labels
+            return ids, labels, start
     return None
 
 
-def generation_batch(rows: Sequence[dict], tokenizer, template: Template):
-    """Prompts of the rows' final turns, left-padded for batched generation (torch tensors)."""
-    prompts = [ids[:start] for ids, _, start in encode(rows, tokenizer, template)]
-    return tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+def stop_ids(tokenizer, template: Template) -> list[int]:
+    """Ids of the template's stop words, in order (eos: the tokenizer's own): what generation stops at."""
+    ids = special_ids(tokenizer, template)
+    return list(dict.fromkeys(ids[name] for name in template.stop_words))
 
+
+def left_pad(prompts: Sequence[list[int]], tokenizer):
+    """Prompts left-padded for batched generation (torch tensors); the tokenizer keeps right padding."""
+    return tokenizer.pad({"input_ids": list(prompts)}, padding=True, padding_side="left", return_tensors="pt")
+
+
+def generation_batch(rows: Sequence[dict], tokenizer, template: Template):
+    """Prompts of the rows' final turns (cut at `reply_start`), left-padded for batched generation."""
+    return left_pad([ids[:start] for ids, _, start in encode(rows, tokenizer, template)], tokenizer)

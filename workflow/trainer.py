@@ -28,6 +28,8 @@ from workflow.params import ZERO_STAGES, Params, variant_id
 from workflow.precision import resolve_precision
 from workflow.stages import LIVE_KEYS  # the plot files both DAGs declare
 
+MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]  # of the tokenized splits, what training reads
+
 log = logging.getLogger(__name__)
 _GC_KWARGS = {"use_reentrant": False}  # explicit, as torch requires; no input-grad hack needed but kept (seeds)
 DEEPSPEED_CONFIG = "deepspeed_config.json"  # written into the adapter dir of a ZeRO variant
@@ -188,6 +190,7 @@ def train_variant(
         train_ds = load_from_disk(str(Path(data_dir) / "train"))
     except FileNotFoundError:
         raise cli.StepError(f"{data_dir}/train: no tokenized data; run the preprocess step first") from None
+    train_ds = train_ds.select_columns(MODEL_COLUMNS)  # reply_start is for generation only
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else CHECKPOINT_ROOT / vid
     fingerprint = variant_fingerprint(params, model, precision, strategy, inputs_digest(model_dir, data_dir))
     start = resume_point(ckpt_dir, fingerprint, resume)  # before loading the model: a refusal fails fast
@@ -223,7 +226,7 @@ def train_variant(
         save_total_limit=2,  # the last complete checkpoint survives a kill during the next save
         seed=params.seed,
         data_seed=params.seed,
-        remove_unused_columns=False,  # our columns are exactly what the model takes (seeds 000 §3.10)
+        remove_unused_columns=False,  # MODEL_COLUMNS are exactly what the model takes (seeds 000 §3.10)
         report_to="none",
         include_num_input_tokens_seen="non_padding",  # kept in the checkpoints' trainer state
         dataloader_num_workers=0,

@@ -1,0 +1,41 @@
+"""The report's ratio columns: relative to report.reference, or to the group's first precision without it."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import params_with
+from workflow.params import load_params, variants
+from workflow.report import collect, render
+
+
+def write_metrics(root, vid: str, memory: float, speed: float, loss: float) -> None:
+    values = {"train": {}, "timing": {"peak_memory_bytes": memory, "tokens_per_s": speed},
+              "merge": {}, "eval": {"eval_loss_merged": loss}}
+    for kind, data in values.items():
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        (root / kind / f"{vid}.json").write_text(json.dumps(data))
+
+
+def test_report_without_a_bf16_row_divides_by_the_groups_first_precision(tmp_path):
+    params = load_params(params_with(tmp_path, matrix={"precision": ["int8", "nf4"], "strategy": ["single"]},
+                                     matrix_zero={"precision": ["nf4"], "strategy": ["zero2"]}))
+    numbers = {"tiny-int8-single": (4e6, 100, 2.0), "tiny-nf4-single": (2e6, 80, 2.2), "tiny-nf4-zero2": (3e6, 50, 2.1)}
+    for v in variants(params):
+        write_metrics(tmp_path / "metrics", v["id"], *numbers[v["id"]])
+    rows = {r["variant"]: r for r in collect(params, tmp_path / "metrics")}
+    assert rows["tiny-nf4-single"]["reference"] == "int8"
+    assert rows["tiny-nf4-single"]["mem x ref"] == 0.5 and rows["tiny-nf4-single"]["tokens/s x ref"] == 0.8
+    assert rows["tiny-nf4-single"]["eval loss x ref"] == 2.2 / 2.0
+    assert rows["tiny-nf4-zero2"]["reference"] == "nf4" and rows["tiny-nf4-zero2"]["mem x ref"] == 1.0
+    markdown, csv_text = render(list(rows.values()))
+    assert "tiny/single: int8" in markdown and "0.50" in markdown and ",reference" in csv_text.splitlines()[0]
+
+
+def test_report_reference_is_a_param(tmp_path):
+    params = load_params(params_with(tmp_path, matrix={"precision": ["int8", "nf4"], "strategy": ["single"]},
+                                     matrix_zero={"precision": []}, report={"reference": "nf4"}))
+    for v in variants(params):
+        write_metrics(tmp_path / "metrics", v["id"], *{"int8": (4e6, 100, 2.0), "nf4": (2e6, 80, 2.2)}[v["precision"]])
+    rows = {r["variant"]: r for r in collect(params, tmp_path / "metrics")}
+    assert rows["tiny-int8-single"]["reference"] == "nf4" and rows["tiny-int8-single"]["mem x ref"] == 2.0
