@@ -143,6 +143,20 @@ def test_sigkill_then_rerun_resumes_and_matches_an_unbroken_run(setup, tmp_path)
     assert json.loads((reference / "timing.json").read_text())["resumed_from"] is None
 
 
+def test_rerun_after_the_final_checkpoint_matches_an_unbroken_run(setup, tmp_path):
+    """A checkpoint at the last step (the unbroken run saves one: 30 % 5 == 0) is no place to resume: the
+    Trainer would take step 31. The rerun redoes the last save interval instead, with identical metrics."""
+    params, model_dir, data_dir, reference = setup
+    work = tmp_path / "after-final"
+    shutil.copytree(checkpoints(reference), checkpoints(work))
+    assert (checkpoints(work) / f"checkpoint-{TRAIN['max_steps']}" / COMPLETE).is_file()
+    proc = run(work, params, model_dir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = assert_same_result(work, reference)
+    assert metrics["steps"] == TRAIN["max_steps"]
+    assert metrics["resumed_from"] == f"checkpoint-{TRAIN['max_steps'] - TRAIN['save_steps']}"
+
+
 def test_ctrl_c_exits_130_and_the_rerun_resumes(setup, tmp_path):
     params, model_dir, data_dir, reference = setup
     work = tmp_path / "interrupted"

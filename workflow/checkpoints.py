@@ -48,6 +48,15 @@ def _step(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+def is_final(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at the last step of its run (trainer_state.json's max_steps)."""
+    try:
+        state = read_json(checkpoint / "trainer_state.json")
+    except (FileNotFoundError, ValueError):
+        return False
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
 def resume_point(ckpt_dir: Path, fingerprint: str, mode: str = "auto") -> Path | None:
     """The checkpoint to resume from: the latest *complete* one made with `fingerprint`, or None.
 
@@ -76,6 +85,13 @@ def resume_point(ckpt_dir: Path, fingerprint: str, mode: str = "auto") -> Path |
     last = complete[-1]
     made_with = read_json(last / COMPLETE).get("fingerprint")
     if made_with == fingerprint:
+        if is_final(last):
+            # The Trainer resumed at its last step trains one step more (steps, tokens and loss then differ
+            # from an unbroken run's), so redo the last save interval from the checkpoint before, or all.
+            before = complete[-2] if len(complete) > 1 else None
+            log.info("%s is the run's final step; resuming from %s instead", last, before or "the start")
+            shutil.rmtree(last)
+            return before
         log.info("resuming from %s", last)
         return last
     if mode == "require":
