@@ -69,6 +69,7 @@ rule evaluate:
     output:
         metrics="results/metrics/eval/{model}-{precision}-{strategy}.json",
         predictions="results/predictions/{model}-{precision}-{strategy}.jsonl",
+        timing="results/metrics/eval_timing/{model}-{precision}-{strategy}.json",
     params:
         values=lambda w: param_values(config, "evaluate", model=w.model),
     log:
@@ -83,4 +84,4 @@ rule evaluate:
         "python -m workflow.evaluate --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
         " --strategy {wildcards.strategy} --model-dir {input.model} --adapter {input.adapter}"
         " --merged {input.merged} --data {input.data} --metrics {output.metrics}"
-        " --predictions {output.predictions} 2> {log}"
+        " --predictions {output.predictions} --timing {output.timing} 2> {log}"

@@ -9,6 +9,7 @@ rule report:
         timing=expand("results/metrics/timing/{id}.json", id=[v["id"] for v in VARIANTS]),
         merge=expand("results/metrics/merge/{id}.json", id=[v["id"] for v in VARIANTS]),
         eval=expand("results/metrics/eval/{id}.json", id=[v["id"] for v in VARIANTS]),
+        eval_timing=expand("results/metrics/eval_timing/{id}.json", id=[v["id"] for v in VARIANTS]),
         curves=expand("results/plots/loss/{id}.csv", id=[v["id"] for v in VARIANTS]),
     output:
         markdown="results/report/summary.md",

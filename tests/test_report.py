@@ -11,7 +11,7 @@ from workflow.report import collect, render
 
 def write_metrics(root, vid: str, memory: float, speed: float, loss: float) -> None:
     values = {"train": {}, "timing": {"peak_memory_bytes": memory, "tokens_per_s": speed},
-              "merge": {}, "eval": {"eval_loss_merged": loss}}
+              "merge": {}, "eval": {"eval_loss_merged": loss}, "eval_timing": {"peak_memory_bytes": memory}}
     for kind, data in values.items():
         (root / kind).mkdir(parents=True, exist_ok=True)
         (root / kind / f"{vid}.json").write_text(json.dumps(data))

@@ -6,8 +6,12 @@ Every source writes `source.json` (source, revision, resolved path, sha256 of ev
 keep those hashes in results/sources/<key>.json (committed, never deleted by the orchestrators): a later
 download of the same source and revision whose files differ fails instead of silently using the new files.
 
-Nothing from the model is imported here: a model that ships code (config.json `auto_map`) is refused unless
-its entry sets `trust_remote_code`, and pickle weights (*.bin, ...) are neither fetched nor linked unless it
+A family whose own code does not run under transformers 5 (config.json `model_type` chatglm or qwen) is
+converted into a native architecture instead of linked (`workflow.convert`); source.json then records the
+conversion and the source files' hashes.
+
+Nothing from the model is imported here: any other model that ships code (config.json `auto_map`) is refused
+unless its entry sets `trust_remote_code`, and pickle weights (*.bin, ...) are neither fetched nor linked unless it
 sets `allow_pickle`. Hub tokens come from the environment (HF_TOKEN, MODELSCOPE_API_TOKEN) and are never logged.
 """
 
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import urllib.error
@@ -23,9 +26,10 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from workflow import cli
+from workflow import cli, convert
 from workflow.io import atomic_dir, read_json, write_json_atomic
 from workflow.params import ModelEntry, Params
+from workflow.remote import remote_code
 
 log = logging.getLogger("workflow.download")
 
@@ -33,7 +37,7 @@ ENDPOINTS = {  # what the reachability probe asks; the hub libraries read the sa
     "modelscope": ("MODELSCOPE_ENDPOINT", "https://modelscope.cn"),
     "hf": ("HF_ENDPOINT", "https://huggingface.co"),
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken", "tokenizer_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load formats: loading may run code
 SOURCES_ROOT = Path("results/sources")  # recorded hashes of remote models; not an output, committed to git
 
@@ -52,19 +56,6 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def remote_code(path: Path) -> list[str]:
-    """The code references (`auto_map` of config.json / tokenizer_config.json) a model dir asks to import."""
-    refs = []
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
-            continue  # absent or unreadable: check_model_dir and the loaders report those
-        values = auto_map.values() if isinstance(auto_map, dict) else auto_map
-        refs += [v if isinstance(v, str) else next((x for x in v if x), "?") for v in values]
-    return sorted(set(refs))
-
-
 def check_model_dir(path: Path, what: str, entry: ModelEntry) -> None:
     """Raise StepError (one line, naming the path) unless `path` looks like a model `entry` allows loading.
 
@@ -75,7 +66,7 @@ def check_model_dir(path: Path, what: str, entry: ModelEntry) -> None:
     if not (path / "config.json").is_file():
         raise cli.StepError(f"{what}: {path} has no config.json; point the source at a transformers model dir")
     code = remote_code(path)
-    if code and not entry.trust_remote_code:
+    if code and not entry.trust_remote_code and not convert.needs_conversion(path):  # converted: code never runs
         raise cli.StepError(f"{what}: {path} ships its own Python code ({', '.join(code[:3])}); nothing was run. "
                             f"Set trust_remote_code: true on the model only if you trust that code")
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -193,7 +184,7 @@ def check_recorded_hashes(model_key: str, info: dict) -> None:
     if (before.get("source"), before.get("revision")) != (info["source"], info["revision"]):
         log.info("models.%s: source or revision changed since %s; recording the new hashes", model_key, record)
         return
-    old, new = before.get("sha256", {}), info["sha256"]
+    old, new = before.get("sha256", {}), info.get("source_sha256", info["sha256"])
     changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
     if changed:
         raise cli.StepError(
@@ -207,6 +198,7 @@ def download_model(params: Params, model_key: str, out: str | Path) -> dict:
     """Materialise `models.<model_key>` in `out`; return what source.json holds."""
     entry = params.models[model_key]
     source = entry.source
+    converted = None
     with atomic_dir(out) as tmp:
         if source.startswith("builtin:"):
             from workflow.builtin import build_builtin
@@ -220,8 +212,12 @@ def download_model(params: Params, model_key: str, out: str | Path) -> dict:
             else:
                 resolved = Path(source).expanduser()
             check_model_dir(resolved, f"models.{model_key}.source", entry)
-            link_tree(resolved, tmp, entry.allow_pickle)
             resolved = resolved.absolute()
+            if convert.needs_conversion(resolved):
+                converted = convert.convert(resolved, tmp)
+                check_model_dir(tmp, f"models.{model_key} (converted)", entry)
+            else:
+                link_tree(resolved, tmp, entry.allow_pickle)
         info = {
             "model": model_key,
             "source": source,
@@ -231,13 +227,17 @@ def download_model(params: Params, model_key: str, out: str | Path) -> dict:
             "allow_pickle": entry.allow_pickle,
             "sha256": file_hashes(tmp),
         }
+        if converted:
+            info["converted"] = converted
+            info["source_sha256"] = file_hashes(resolved)  # what upstream delivered; `sha256` is our output
         remote = source.startswith(("modelscope:", "hf:"))
         if remote:
             check_recorded_hashes(model_key, info)
         write_json_atomic(tmp / "source.json", info)
     if remote:
         write_json_atomic(SOURCES_ROOT / f"{model_key}.json",
-                          {k: info[k] for k in ("model", "source", "revision", "sha256")})
+                          {**{k: info[k] for k in ("model", "source", "revision")},
+                           "sha256": info.get("source_sha256", info["sha256"])})
     log.info("models.%s: %d files from %s in %s", model_key, len(info["sha256"]), source, out)
     return info
 

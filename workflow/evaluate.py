@@ -13,6 +13,7 @@ holds only values that are deterministic for a given params.yaml.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from transformers import set_seed
 from workflow import cli, devices
 from workflow.io import write_json_atomic, write_text_atomic
 from workflow.merge import check_adapter
-from workflow.modeling import eval_batches, load_base, load_tokenizer, load_unquantized, logits_of, token_loss
+from workflow.modeling import (eval_batches, load_base, load_tokenizer, load_unquantized, logits_of, peak_memory,
+                               token_loss)
 from workflow.params import Generate, Params, variant_id
 from workflow.precision import resolve_precision
 from workflow.quality import quality
@@ -88,14 +90,20 @@ def generate_answers(model, tokenizer, pairs: list[tuple[list[int], list[int]]],
 
 
 @torch.no_grad()
-def logit_gap(a, b, batches: list[dict]) -> float:
-    """Largest |logit| difference between two models over the real tokens of `batches`."""
+def logit_gap(reference: list[torch.Tensor], model, batches: list[dict]) -> float:
+    """Largest |logit| difference between `reference` logits (CPU) and `model`'s over the real tokens."""
     gap = 0.0
-    for batch in batches:
-        la, lb = logits_of(a, batch), logits_of(b, batch)
-        mask = batch["attention_mask"].bool().to(la.device)
-        gap = max(gap, float((la - lb.to(la.device)).abs()[mask].max()))
+    for ref, batch in zip(reference, batches):
+        logits = logits_of(model, batch).cpu()
+        gap = max(gap, float((logits - ref).abs()[batch["attention_mask"].bool()].max()))
     return gap
+
+
+def free_device_memory(device: str) -> None:
+    """Give freed tensors' memory back before the next model loads (CUDA's cache holds it otherwise)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def evaluate_variant(
@@ -120,19 +128,25 @@ def evaluate_variant(
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()  # wraps `base` in place
     losses["adapter"], tokens = token_loss(adapted, batches)
     predictions["adapter"] = generate_answers(adapted, tokenizer, pairs, params.generate, stops)
+    # Only one model on the device at a time: the trained model's logits for the merge gap wait on the CPU,
+    # and it is freed before the merged model loads (two 7B fp16 models would not fit a 24 GB card).
+    gap_batches = batches[: ev.logit_gap_batches]
+    trained = [logits_of(adapted, b).cpu() for b in gap_batches]
+    del adapted, base
+    free_device_memory(plan.device)
     merged = load_unquantized(merged_dir, plan.load_dtype, plan.device, entry.trust_remote_code).eval()
     losses["merged"] = token_loss(merged, batches)[0]
     predictions["merged"] = generate_answers(merged, tokenizer, pairs, params.generate, stops)
     # The QLoRA merge gap: the model as trained (quantized base + adapter) vs the merged unquantized model.
-    gap = logit_gap(adapted, merged, batches)
-    del adapted, base, merged
+    gap = logit_gap(trained, merged, gap_batches)
+    del merged
 
     metrics: dict[str, object] = {
         "variant": variant_id(model, precision, strategy),
         "eval_rows": len(pairs),
         "eval_tokens": tokens,
         "max_new_tokens": params.generate.max_new_tokens,
-        "trained_vs_merged_max_abs_logit_diff": gap,
+        "trained_vs_merged_max_abs_logit_diff": gap,  # over the first evaluate.logit_gap_batches batches
         "trained_vs_merged_loss_gap": losses["merged"] - losses["adapter"],
     }
     for name in MODELS:
@@ -147,6 +161,14 @@ def evaluate_variant(
     return metrics, rows
 
 
+def evaluate_timing(params: Params, model: str, precision: str, strategy: str, model_dir: Path) -> dict:
+    """What evaluating cost (varies from run to run, so not in the metrics): the step's peak memory, next to
+    the size of one model's weights on disk, to show the step holds one model at a time."""
+    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    return {"variant": variant_id(model, precision, strategy), "base_weights_bytes": weights,
+            **peak_memory(resolve_precision(precision).device)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser("evaluate", __doc__, variant=True)
     p.add_argument("--model-dir", required=True, type=Path, help="output of the download step")
@@ -155,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", required=True, type=Path, help="output of the preprocess step")
     p.add_argument("--metrics", required=True, type=Path, help="evaluation metrics JSON to write")
     p.add_argument("--predictions", required=True, type=Path, help="generations JSONL to write")
+    p.add_argument("--timing", required=True, type=Path, help="peak memory JSON to write")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     params = cli.load_checked(args)
@@ -165,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params, args.model, args.precision, args.strategy, args.model_dir, args.adapter, args.merged, args.data
     )
     write_text_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json_atomic(args.timing, evaluate_timing(params, args.model, args.precision, args.strategy, args.model_dir))
     write_json_atomic(args.metrics, metrics)
     return 0
 

@@ -218,6 +218,8 @@ class Merge(_Strict):
 class Evaluate(_Strict):
     per_device_eval_batch_size: int = Field(gt=0)
     max_eval_rows: int | None = Field(default=None, gt=0)
+    logit_gap_batches: int = Field(default=2, gt=0)  # batches whose logits (vocab x length x batch, fp32) wait
+    # on the CPU for the trained-vs-merged gap: 2 x 4 x 384 x 32000 x 4 B = 393 MB for Llama-2
 
 
 class Generate(_Strict):

@@ -37,6 +37,7 @@ COLUMNS = (
     ("tokens/s x ref", "ratio", "train tokens/s", "{:.2f}", "resources"),
     ("samples/s", "timing", "samples_per_s", "{:.1f}", "resources"),
     ("train s", "timing", "runtime_s", "{:.1f}", "resources"),
+    ("eval peak mem MB", "eval_timing", "peak_memory_bytes", "{:.0f}", "resources"),
     ("device", "timing", "device_name", "{}", "resources"),
     ("train loss first", "train", "train_loss_first", "{:.3f}", "quality"),
     ("train loss last", "train", "train_loss_last", "{:.3f}", "quality"),
@@ -61,7 +62,7 @@ COLUMNS = (
     ("trained vs merged max |dlogit|", "eval", "trained_vs_merged_max_abs_logit_diff", "{:.2e}", "merge"),
     ("trained vs merged loss gap", "eval", "trained_vs_merged_loss_gap", "{:+.4f}", "merge"),
 )
-_MB = {"weight_footprint_bytes", "peak_memory_bytes"}
+_MB = {"weight_footprint_bytes", "peak_memory_bytes"}  # shown in MB
 TABLES = {
     "resources": "Resources (timing and memory vary from run to run; the rest is deterministic)",
     "quality": "Quality (greedy decoding; deterministic for a given params.yaml)",
@@ -81,7 +82,7 @@ def collect(params: Params, metrics_dir: Path) -> list[dict]:
     rows = []
     for v in variants(params):
         files = {kind: read_json(metrics_dir / kind / f"{v['id']}.json")
-                 for kind in ("train", "timing", "merge", "eval")}
+                 for kind in ("train", "timing", "merge", "eval", "eval_timing")}
         files["variant"] = {**v, "template": params.models[v["model"]].template}
         row = {"variant": v["id"]}
         for column, source, key, _, _ in COLUMNS:
