@@ -9,13 +9,13 @@ Layouts the mapping would get wrong are refused. Nothing of the model's own Pyth
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from workflow.convert.checks import check_complete, number, read_json_config, shape_checker
 from workflow.convert.shards import write_converted
 from workflow.errors import StepError
 
@@ -50,7 +50,7 @@ def convert(src: Path, dst: Path, max_shard_bytes: int) -> dict:
         raise StepError(f"{src}/config.json: padded_vocab_size {dims['vocab']} is smaller than tokenizer.model's "
                         f"{sp_size} pieces + {len(SPECIALS)} specials; the files are not from one checkpoint")
     written = write_converted(src, dst, tensor_mapping(src, dims), max_shard_bytes)
-    check_complete(src, written, dims)
+    check_complete(src, written, expected_shapes(dims))
     write_configs(dst, dims, sp_size)
     return {
         "converted_from": MODEL_TYPE,
@@ -68,12 +68,7 @@ def convert(src: Path, dst: Path, max_shard_bytes: int) -> dict:
 def read_config(src: Path) -> dict:
     """src/config.json, checked to be a ChatGLM2/3 layout this module converts."""
     path = src / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise StepError(f"{path}: cannot be read as JSON ({e}); re-download the model") from None
-    if cfg.get("model_type") != MODEL_TYPE:
-        raise StepError(f"{path}: model_type is {cfg.get('model_type')!r}, not {MODEL_TYPE!r}")
+    cfg = read_json_config(src, MODEL_TYPE)
     for field, (default, needed, why) in LAYOUT.items():
         if bool(cfg.get(field, default)) != needed:
             raise StepError(f"{path}: {field} is {cfg.get(field)!r}; the Glm conversion needs {needed} ({why}); "
@@ -97,17 +92,6 @@ def check_rope(src: Path, cfg: dict, rope_ratio: float) -> None:
     if re.search(r"/\s*self\.rope_ratio", text) and not re.search(r"base\s*\*\s*self\.rope_ratio", text):
         raise StepError(f"{src}/config.json: rope_ratio {cfg['rope_ratio']} scales positions in this model's "
                         "code (ChatGLM2-32k), which the Glm conversion does not map; use a ChatGLM3 checkpoint")
-
-
-def number(src: Path, cfg: dict, field: str, default: float | None = None, kind: type = int):
-    """config.json's `field` as `kind`; StepError when it is missing (and has no default) or not a number."""
-    value = cfg.get(field)
-    if value is None and default is not None:
-        return kind(default)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise StepError(f"{src}/config.json: {field} is {value!r}, not a number; re-download the model") from None
 
 
 def dimensions(src: Path, cfg: dict) -> dict:
@@ -220,12 +204,7 @@ def tensor_mapping(src: Path, dims: dict):
     shapes = expected_shapes(dims)
     q, kv = dims["heads"] * dims["head_dim"], dims["kv_heads"] * dims["head_dim"]
 
-    def checked(name: str, out_name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        want = shapes.get(out_name)
-        if want is None or tuple(tensor.shape) != want:
-            raise StepError(f"{src}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                            f"{want} for {out_name}; the weights do not belong to this config.json")
-        return out_name, tensor
+    checked = shape_checker(src, shapes)
 
     def mapping(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name.endswith("rotary_pos_emb.inv_freq"):
@@ -251,14 +230,6 @@ def tensor_mapping(src: Path, dims: dict):
                             "(a prefix encoder or quantized weights?); use the plain ChatGLM2/3 checkpoint")
 
     return mapping
-
-
-def check_complete(src: Path, written: dict[str, int], dims: dict) -> None:
-    """Every Glm tensor was written (a missing one would be randomly initialised at load time)."""
-    missing = sorted(set(expected_shapes(dims)) - set(written))
-    if missing:
-        raise StepError(f"{src}: the checkpoint lacks {len(missing)} tensor(s) its config.json implies (e.g. "
-                        f"{missing[0]}); re-download the model")
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------
