@@ -2,13 +2,17 @@
 # Every rule runs `python -m workflow.<step>`, the same command as its dvc.yaml stage.
 # All settings live in params.yaml; edit it (not --config) so both orchestrators see the same values.
 
+import os
+
 import yaml
 
 from workflow.devices import device_pool, job_device
+from workflow.provenance import RUN_ID, new_run_id
 from workflow.params import PRECISIONS, STRATEGIES, ParamsError, check_machine, validate_params, variants
 from workflow.stages import CODE, LIVE_KEYS, gpu_limit, node_count, param_values
 
 configfile: "params.yaml"
+os.environ.setdefault(RUN_ID, new_run_id())  # one id per invocation; every job inherits it (workflow/provenance.py)
 
 with open("params.yaml", encoding="utf-8") as _f:
     if yaml.safe_load(_f) != config:

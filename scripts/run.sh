@@ -1,8 +1,31 @@
 #!/usr/bin/env bash
-# Set up, then run the default experiment end to end with Snakemake (offline, CPU by default).
+# Set up, then run the default experiment end to end with Snakemake (offline, CPU by default), hand the results
+# to DVC, and print the report, saying plainly when this invocation ran nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" DVC_NO_ANALYTICS=1
-.venv/bin/snakemake --cores all --resources gpu="${GPUS:-2}" "$@"
-cat results/report/summary.md
+# One id for this invocation: every job records it, so the report can tell what ran now from what was reused.
+LOWPREC_RUN_ID="$(.venv/bin/python -c 'from workflow.provenance import new_run_id; print(new_run_id())')"
+export LOWPREC_RUN_ID
+# A copy that Snakemake has never run in (a clone, an unpacked archive) runs every job: whether anything would
+# run must not depend on the files' timestamps, and results/ holds only the committed example results.
+fresh=()
+if [ -z "$(ls -A .snakemake/metadata 2>/dev/null)" ]; then
+  fresh=(--forceall)
+  echo "A fresh copy (no earlier Snakemake run here): running every job on this machine." >&2
+fi
+.venv/bin/snakemake --cores all --resources gpu="${GPUS:-2}" "${fresh[@]}" "$@"
+case " $* " in *" -n "*|*" --dry-run "*|*" --dryrun "*) exit 0 ;; esac
+# DVC records what Snakemake made (dvc.lock), so a following `dvc repro` has nothing to redo.
+if [ -d .dvc ] && git rev-parse --git-dir >/dev/null 2>&1; then
+  .venv/bin/dvc commit -f -q
+fi
+report=results/report/summary.md
+if grep -q "($LOWPREC_RUN_ID)" "$report"; then
+  cat "$report"
+else
+  echo "Nothing ran: every output is up to date, so $report was not remade by this invocation." >&2
+  echo "It shows an earlier run: $(grep -m1 '^Made on' "$report" || echo 'of unknown origin')" >&2
+  echo "To make every result on this machine: scripts/run.sh --forceall" >&2
+fi

@@ -39,3 +39,25 @@ def test_report_reference_is_a_param(tmp_path):
         write_metrics(tmp_path / "metrics", v["id"], *{"int8": (4e6, 100, 2.0), "nf4": (2e6, 80, 2.2)}[v["precision"]])
     rows = {r["variant"]: r for r in collect(params, tmp_path / "metrics")}
     assert rows["tiny-int8-single"]["reference"] == "nf4" and rows["tiny-int8-single"]["mem x ref"] == 2.0
+
+
+def test_report_says_where_it_was_made_and_what_this_invocation_ran(tmp_path, monkeypatch):
+    from workflow.provenance import RUN_ID, provenance
+
+    params = load_params(params_with(tmp_path, matrix={"precision": ["int8", "nf4"], "strategy": ["single"]},
+                                     matrix_zero={"precision": []}))
+    for v in variants(params):
+        write_metrics(tmp_path / "metrics", v["id"], 1e6, 10, 1.0)
+    earlier = {"host": "gpu-box", "device": "NVIDIA H200", "date": "2026-11-30T10:00:00+00:00",
+               "commit": "abc123def456", "run_id": "earlier"}
+    monkeypatch.setenv(RUN_ID, "now-1")
+    now = provenance()
+    (tmp_path / "metrics/eval_timing/tiny-int8-single.json").write_text(json.dumps({"made": {**now}}))
+    (tmp_path / "metrics/eval_timing/tiny-nf4-single.json").write_text(json.dumps({"made": earlier}))
+    markdown, csv_text = render(collect(params, tmp_path / "metrics"), now)
+    assert f"Made on {now['host']} ({now['device']}) at {now['date']}" in markdown
+    assert f"transformers {now['versions']['transformers']}" in markdown
+    assert "Ran by this invocation (now-1): tiny-int8-single." in markdown
+    assert ("- reused: tiny-nf4-single, made on gpu-box (NVIDIA H200) at 2026-11-30T10:00:00+00:00, commit "
+            "abc123def456") in markdown
+    assert "gpu-box (NVIDIA H200)" in csv_text

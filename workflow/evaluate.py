@@ -32,6 +32,7 @@ from workflow.modeling import (eval_batches, load_base, load_tokenizer, load_unq
                                token_loss)
 from workflow.params import Generate, Params, variant_id
 from workflow.precision import resolve_precision
+from workflow.provenance import provenance
 from workflow.quality import quality
 from workflow.templates import get_template
 from workflow.tokenize import left_pad, stop_ids
@@ -165,8 +166,9 @@ def evaluate_timing(params: Params, model: str, precision: str, strategy: str, m
     """What evaluating cost (varies from run to run, so not in the metrics): the step's peak memory, next to
     the size of one model's weights on disk, to show the step holds one model at a time."""
     weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    device = resolve_precision(precision).device
     return {"variant": variant_id(model, precision, strategy), "base_weights_bytes": weights,
-            **peak_memory(resolve_precision(precision).device)}
+            **peak_memory(device), "made": provenance(device)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 import resource
 import warnings
 from pathlib import Path
@@ -104,19 +103,6 @@ def linear_weight_bits(model: torch.nn.Module) -> dict[str, object]:
         "linear_bits_per_param": 8 * storage / params if params else None,
         "linear_storage": "+".join(sorted(kinds)),
     }
-
-
-def device_name(device: str) -> str:
-    """The GPU's name on CUDA, the CPU model (from /proc/cpuinfo) otherwise."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()}"
 
 
 def peak_memory(device: str) -> dict[str, object]:

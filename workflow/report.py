@@ -18,6 +18,7 @@ from pathlib import Path
 from workflow import cli
 from workflow.io import atomic_dir, read_json
 from workflow.params import Params, variants
+from workflow.provenance import provenance
 
 PLOTS = ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png")
 
@@ -84,7 +85,7 @@ def collect(params: Params, metrics_dir: Path) -> list[dict]:
         files = {kind: read_json(metrics_dir / kind / f"{v['id']}.json")
                  for kind in ("train", "timing", "merge", "eval", "eval_timing")}
         files["variant"] = {**v, "template": params.models[v["model"]].template}
-        row = {"variant": v["id"]}
+        row = {"variant": v["id"], "made": files["eval_timing"].get("made") or files["timing"].get("made") or {}}
         for column, source, key, _, _ in COLUMNS:
             if source == "ratio":
                 continue
@@ -114,10 +115,29 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
-def render(rows: list[dict]) -> tuple[str, str]:
-    """The rows as markdown (three tables) and as CSV (every column)."""
+def made_here(rows: list[dict], now: dict) -> list[str]:
+    """Where and when this report was made, and for each variant whether this invocation ran it (same run
+    id) or reused it from an earlier run, naming that run's machine, date and commit."""
+    lib = ", ".join(f"{k} {v}" for k, v in now["versions"].items() if v)
+    lines = [f"Made on {now['host']} ({now['device']}) at {now['date']}, commit {now['commit'] or 'unknown'}; "
+             f"{lib}.", ""]
+    ran = [r["variant"] for r in rows if now["run_id"] and r["made"].get("run_id") == now["run_id"]]
+    reused = [r for r in rows if r["variant"] not in ran]
+    if now["run_id"]:
+        lines.append(f"Ran by this invocation ({now['run_id']}): {', '.join(ran) or 'none'}.")
+    else:
+        lines.append("Run outside Snakemake (no run id): the variants below say where each was made.")
+    for r in reused:
+        m = r["made"]
+        lines.append(f"- {'reused' if now['run_id'] else 'made'}: {r['variant']}, made on {m.get('host', '?')} "
+                     f"({m.get('device', '?')}) at {m.get('date', '?')}, commit {m.get('commit') or 'unknown'}")
+    return lines + [""]
+
+
+def render(rows: list[dict], now: dict | None = None) -> tuple[str, str]:
+    """The rows as markdown (where it was made, then three tables) and as CSV (every column)."""
     fmt = {c[0]: c[3] for c in COLUMNS}
-    lines = ["# Precision comparison", ""]
+    lines = ["# Precision comparison", ""] + made_here(rows, now or provenance())
     for table, title in TABLES.items():
         head = ["variant"] + [c[0] for c in COLUMNS if c[4] == table]
         lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -130,10 +150,12 @@ def render(rows: list[dict]) -> tuple[str, str]:
                  f"(report.reference, else the group's first precision): {', '.join(refs)}. ROUGE and BLEU "
                  "tokenize by characters (every non-space character is a token).")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["variant"] + [c[0] for c in COLUMNS] + ["reference"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["variant"] + [c[0] for c in COLUMNS] + ["reference", "made_on",
+                                                                                   "made_at", "made_commit"],
+                            lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, "made_on": f"{r['made'].get('host')} ({r['made'].get('device')})",
+                      "made_at": r["made"].get("date"), "made_commit": r["made"].get("commit")} for r in rows)
     return "\n".join(lines) + "\n", buf.getvalue()
 
 

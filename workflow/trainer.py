@@ -22,10 +22,11 @@ from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, Train
 from workflow import cli, distributed
 from workflow.checkpoints import CHECKPOINT_ROOT, COMPLETE, inputs_digest, resume_point, variant_fingerprint
 from workflow.io import atomic_dir, read_json, write_json_atomic
-from workflow.modeling import (device_name, linear_weight_bits, load_base, load_tokenizer, numel, peak_memory,
+from workflow.modeling import (linear_weight_bits, load_base, load_tokenizer, numel, peak_memory,
                                weight_bytes)
 from workflow.params import ZERO_STAGES, Params, variant_id
 from workflow.precision import resolve_precision
+from workflow.provenance import device_name, provenance
 from workflow.stages import LIVE_KEYS  # the plot files both DAGs declare
 
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]  # of the tokenized splits, what training reads
@@ -283,6 +284,7 @@ def train_variant(
     timing = {
         "variant": vid,
         "device_name": device_name(plan.device),
+        "made": provenance(plan.device),  # where, when, with what; the run id of the invocation that ran it
         "runtime_s": runtime,
         "tokens_per_s": (tokens - tokens_before) / runtime if runtime else None,  # non-pad tokens, this call's
         "samples_per_s": output.metrics.get("train_samples_per_second"),
