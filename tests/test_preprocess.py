@@ -157,12 +157,16 @@ def test_truncation_cuts_from_end_and_counts_eos_losses(tokenizer):
 def test_batched_equals_per_example_reference(tokenizer, max_length):
     rows = _rows()
     cols, _ = tokenize_rows(rows, tokenizer, TEMPLATE, max_length=max_length)
+    reply_start = cols.pop("reply_start")
     assert cols == _reference(rows, tokenizer, max_length)
+    # single-turn rows: the final reply starts at the first labelled token (all -100: cut before it)
+    assert reply_start == [next((i for i, x in enumerate(labels) if x != -100), len(labels))
+                           for labels in cols["labels"]]
 
 
 def test_empty_rows(tokenizer):
     cols, outcome = tokenize_rows([], tokenizer, TEMPLATE, 96)
-    assert cols == {"input_ids": [], "attention_mask": [], "labels": []} and outcome["kept"] == []
+    assert cols == {"input_ids": [], "attention_mask": [], "labels": [], "reply_start": []} and outcome["kept"] == []
 
 
 def test_prepare_tokenizer_pad(tmp_path, tokenizer):
@@ -365,7 +369,7 @@ def test_cli_end_to_end(tmp_path, bpe_tokenizer_dir):
     assert sorted(p.name for p in out.iterdir()) == ["eval", "raw.jsonl", "report.json", "train"]
     train, evals = load_from_disk(str(out / "train")), load_from_disk(str(out / "eval"))
     assert (len(train), len(evals)) == (52, 8)
-    assert train.column_names == ["input_ids", "attention_mask", "labels"]
+    assert train.column_names == ["input_ids", "attention_mask", "labels", "reply_start"]
     raw = [json.loads(line) for line in (out / "raw.jsonl").read_text(encoding="utf-8").splitlines()]
     assert raw == tasks.alpaca_rows(60, 42)
     report = json.loads((out / "report.json").read_text())
