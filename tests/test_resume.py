@@ -197,10 +197,11 @@ def test_stale_checkpoint_is_refused_on_explicit_resume_and_replaced_by_default(
     assert json.loads((work / "timing.json").read_text())["resumed_from"] is None
     assert metrics["steps"] == TRAIN["max_steps"]
 
-    # The same params again: `require` resumes from the fresh run's own final checkpoint.
+    # The same params again: `require` resumes from the fresh run's own checkpoints (the one before its final
+    # step, which is no place to resume: see test_rerun_after_the_final_checkpoint_matches_an_unbroken_run).
     proc = run(work, changed, model_dir, data_dir, extra=("--resume", "require"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((work / "timing.json").read_text())["resumed_from"] == "checkpoint-30"
+    assert json.loads((work / "timing.json").read_text())["resumed_from"] == "checkpoint-25"
 
 
 def test_require_without_checkpoints_fails_and_never_starts_over(setup, tmp_path):

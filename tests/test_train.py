@@ -101,7 +101,8 @@ def test_cli_writes_adapter_metrics_and_curve(tmp_path, builtin_model_dir, tiny_
 
     # Rerun: it resumes from the finished checkpoint and trains no step; the live log still has every step.
     assert train_step.main(argv) == 0
-    assert json.loads((tmp_path / "out/t.json").read_text())["resumed_from"] == "checkpoint-6"
+    # the run's final checkpoint (6) is skipped: resuming there would train a 7th step
+    assert json.loads((tmp_path / "out/t.json").read_text())["resumed_from"] == "checkpoint-3"
     resumed = (tmp_path / "out/live/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in resumed[1:]] == ["1", "2", "4", "6"]
     assert (tmp_path / "out/c.csv").read_text().startswith("step,loss\n1,")
