@@ -200,7 +200,7 @@ def test_snakemake_end_to_end(smk_repo):
         predictions = (smk_repo / f"results/predictions/tiny-{precision}-single.jsonl").read_text().splitlines()
         assert len(predictions) == 3 * SMALL["evaluate"]["max_eval_rows"]  # base, adapter, merged
         assert set(json.loads(predictions[0])) == {"model", "row", "prompt", "reference", "prediction",
-                                                   "stopped", "tokens"}
+                                                   "stopped", "stop", "tokens"}
         timing = read_metrics(smk_repo, "timing", precision)
         assert timing["tokens_per_s"] > 0 and timing["peak_memory_kind"] == "cpu_peak_rss"
         live = smk_repo / f"results/live/tiny-{precision}-single"
