@@ -164,3 +164,35 @@ def test_full_disk_names_the_variant_and_hints(builtin_model_dir, tiny_data_dir,
     assert "free disk space" in err and "resumes from its last checkpoint" in err
     assert not (tmp_path / "results/metrics").exists()  # the metrics, written last, mark a finished step
     assert sorted(p.name for p in (tmp_path / "results/plots/loss").iterdir()) == []  # no curve, no temp file
+
+
+# --- bugs are not bad input ----------------------------------------------------------------------------------
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(tmp_path, capsys):
+    """A ValueError from deep inside a library (here: json on a truncated file, read without the project's
+    reader) is a bug: it used to become one `error:` line with no traceback anywhere."""
+    import json
+
+    (tmp_path / "state.json").write_text('{"step": ')
+
+    def step(argv):
+        return json.loads((tmp_path / "state.json").read_text())
+
+    assert cli.run(step, []) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and any("json.loads" in line for line in err), err
+    assert sum(line.startswith("error:") for line in err) == 1
+    assert err[-1].startswith("error: this step: a bug, not bad input: json.decoder.JSONDecodeError: Expecting "
+                              "value") and err[-1].endswith("(traceback above); please report it"), err[-1]
+
+
+def test_the_projects_own_readers_give_one_line_errors(tmp_path, capsys):
+    """The same file through workflow.io.read_json, as the steps read it: bad input, one line."""
+    from workflow.io import read_json
+
+    (tmp_path / "state.json").write_text('{"step": ')
+    assert cli.run(lambda argv: read_json(tmp_path / "state.json"), []) == 1
+    assert one_line(capsys) == f"error: {tmp_path / 'state.json'}: not valid JSON (line 1); delete it and rerun its step"
+    assert cli.run(lambda argv: read_json(tmp_path / "absent.json"), []) == 1
+    assert one_line(capsys) == f"error: {tmp_path / 'absent.json'}: not found; run the step that produces it first"

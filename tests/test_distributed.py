@@ -17,12 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import params_with
+from tests.test_devices import fake_nvidia_smi
 from workflow import devices, distributed
 from workflow.cli import StepError
 from workflow.params import load_params, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGV = ["--params", "params.yaml", "--model", "tiny", "--precision", "bf16", "--strategy", "zero2"]
+EIGHT = [(str(i), f"GPU-0000000{i}-0000-4000-8000-000000000000", "8.0", "NVIDIA A100-SXM4-80GB") for i in range(8)]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +77,10 @@ def test_multi_node_torchrun_command_under_slurm(params):
     p = with_distributed(params, "zero3", nodes="slurm", gpus=4)
     env = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
     cmd = distributed.launch_command(p, "zero3", ARGV, environ=env)
-    assert cmd == ["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable, "-m", "torch.distributed.run",
+    assert cmd == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                   sys.executable, "-m", "torch.distributed.run",
                    "--nproc_per_node=4", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu07:29500",
-                   "--rdzv_id=4242", "-m", "workflow.train", *ARGV]
+                   "--rdzv_id=4242", "-m", "workflow.train", *ARGV]  # tests/test_cluster.py runs it in a job step
     # a fixed node count and rendezvous host from params.yaml, outside SLURM: no srun, one launcher per node
     p = with_distributed(with_distributed(params, "zero3", nodes=3), master_addr="10.0.0.5", master_port=6000)
     cmd = distributed.launch_command(p, "zero3", ARGV, environ={})
@@ -188,6 +191,7 @@ def test_lease_sets_cuda_visible_devices_and_refuses_more_than_the_machine_has(t
     with pytest.raises(StepError, match=r"tiny-bf16-zero2: needs 3 GPUs but this machine offers 2 \(0,1\)"):
         devices.acquire(3, tmp_path, 0, "tiny-bf16-zero2")
     monkeypatch.delenv(devices.SIMULATED)
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', *EIGHT)}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # what SLURM gives a job: lease within it
     assert devices.device_pool() == ["4", "6"]
     assert devices.acquire(1, tmp_path, 0, "job", pool=[]).ids == []  # no GPUs: the job runs on the CPU
@@ -319,24 +323,6 @@ def dry_run_resources(profile: str) -> dict[str, dict[str, str]]:
         resources = dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", block).group(1)))
         jobs["-".join(wildcards[k] for k in ("model", "precision", "strategy"))] = resources
     return jobs
-
-
-def test_slurm_profile_dry_run_maps_gpus_to_the_slurm_request(params):
-    from types import SimpleNamespace
-
-    from snakemake_executor_plugin_slurm.utils import set_gres_string
-
-    jobs = dry_run_resources("profiles/slurm")
-    assert set(jobs) == {v["id"] for v in variants(params)}
-    for variant, resources in jobs.items():
-        assert resources["slurm_partition"] == "gpu" and resources["runtime"] == "720"
-        gpus = 1 if variant.endswith("single") else 2
-
-        class Resources(dict):
-            __getattr__ = dict.get
-
-        job = SimpleNamespace(resources=Resources(gpu=int(resources["gpu"])))
-        assert set_gres_string(job).strip() == f"--gpus={gpus}", variant  # the plugin's own sbatch option
 
 
 def test_local_profile_dry_run(params):

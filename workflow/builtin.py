@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from workflow import tasks
+from workflow.errors import ParamsError
 from workflow.io import write_json_atomic
 from workflow.params import BuiltinModel
 from workflow.templates import TEMPLATES, render_prompt
@@ -98,7 +99,8 @@ def packed_sequences(tokenizer, texts: list[str], seq_len: int):
         ids += enc + [tokenizer.eos_token_id]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"corpus has {len(ids)} tokens, fewer than pretrain_seq_len {seq_len}; raise corpus_size")
+        raise ParamsError(f"builtin: the corpus has {len(ids)} tokens, fewer than pretrain_seq_len {seq_len}; "
+                          "raise corpus_size")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 

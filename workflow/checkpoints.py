@@ -52,7 +52,7 @@ def is_final(checkpoint: Path) -> bool:
     """Whether a checkpoint was saved at the last step of its run (trainer_state.json's max_steps)."""
     try:
         state = read_json(checkpoint / "trainer_state.json")
-    except (FileNotFoundError, ValueError):
+    except cli.StepError:  # no readable trainer state: not a final checkpoint
         return False
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 

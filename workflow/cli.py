@@ -1,4 +1,9 @@
-"""What every step's command line shares: the options, logging, and one-line errors."""
+"""What every step's command line shares: the options, logging, and one-line errors.
+
+Only the project's own errors (workflow/errors.py: bad input, a failed check, a refusal) and running out of
+memory or disk become one `error:` line. Anything else is a bug: its full traceback goes to stderr (the
+step's log), then one `error:` line that says so.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,16 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
-from workflow.devices import job_device
+from workflow import devices
 from workflow.errors import ParamsError, StepError
 from workflow.params import PRECISIONS, STRATEGIES, Params, check_machine, load_params
 
 log = logging.getLogger("workflow")
 _job = {"name": "this step"}  # what the step runs for (variant or model), named in out-of-resource messages
+GPU_STEPS = ("train", "merge", "evaluate")  # the steps that lease GPUs (rules with gpu=1 or more)
 OOM_HINT = ("lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
             "batch), set gradient_checkpointing: true, lower data.max_length, or use a smaller precision (nf4)")
 
@@ -22,6 +29,7 @@ OOM_HINT = ("lower train.per_device_train_batch_size (raise gradient_accumulatio
 def parser(step: str, doc: str | None, *, variant: bool = False, model: bool = True) -> argparse.ArgumentParser:
     """An argument parser with --params and the matrix keys this step is run for."""
     p = argparse.ArgumentParser(prog=f"python -m workflow.{step}", description=(doc or "").strip().splitlines()[0])
+    p.set_defaults(step=step)  # which step: load_checked checks the machine of a GPU step everywhere
     p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     if model or variant:
         p.add_argument("--model", required=True, help="a key of `models` in params.yaml")
@@ -42,9 +50,12 @@ def setup_logging() -> None:
 
 def load_checked(args: argparse.Namespace) -> Params:
     """Load params.yaml, check its matrix against this machine, and check that the command's matrix keys
-    exist in it."""
+    exist in it. The GPU steps (GPU_STEPS) always check their machine; the others skip it inside a SLURM
+    job, where they may run on a node without the GPUs (`devices.step_machine`)."""
     params = load_params(args.params)
-    check_machine(params, job_device(), args.params)  # fp16 under ZeRO-3 on a CPU: refused in every step
+    machine = devices.step_machine(gpu_step=getattr(args, "step", None) in GPU_STEPS)
+    if machine is not None:  # fp16 under ZeRO-3 on a CPU, bf16 on pre-Ampere GPUs: refused in every step
+        check_machine(params, machine.device, args.params, machine.described())
     model = getattr(args, "model", None)
     parts = [getattr(args, k, None) for k in ("model", "precision", "strategy")]
     _job["name"] = "-".join(p for p in parts if p) or "this step"
@@ -54,22 +65,29 @@ def load_checked(args: argparse.Namespace) -> Params:
 
 
 def run(step_main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a step's main; turn known failures into a one-line message and exit code 1."""
+    """Run a step's main; exit code 1 with one last `error:` line on failure (see the module's docstring)."""
     setup_logging()
+    _job["name"] = "this step"  # until load_checked names it (a second run in one process starts over)
     try:
         return step_main(argv)
-    except (ParamsError, StepError, FileNotFoundError, ValueError) as exc:
+    except (ParamsError, StepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (MemoryError, OSError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
-        kind = _out_of(exc)
-        if kind is None:
-            raise
-        print(f"error: {_job['name']}: {kind}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing was marked finished; rerun the same command to continue", file=sys.stderr)
         return 130
+    except Exception as exc:  # SystemExit (argparse's usage errors) passes through
+        kind = _out_of(exc)  # torch's OutOfMemoryError is a RuntimeError
+        if kind is not None:
+            print(f"error: {_job['name']}: {kind}", file=sys.stderr)
+            return 1
+        traceback.print_exc(file=sys.stderr)
+        kind = type(exc).__qualname__ if type(exc).__module__ == "builtins" else \
+            f"{type(exc).__module__}.{type(exc).__qualname__}"
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"error: {_job['name']}: a bug, not bad input: {kind}: {first} (traceback above); please report it",
+              file=sys.stderr)
+        return 1
 
 
 def _out_of(exc: BaseException) -> str | None:

@@ -90,14 +90,28 @@ def deepspeed_config(strategy: str, settings: Strategy, targs: Train, amp: str, 
 
 
 def nnodes(params: Params, strategy: str, environ: Mapping[str, str]) -> int:
-    """Node count: the strategy's `nodes`, or the SLURM allocation's."""
+    """Node count: the strategy's `nodes`, or the SLURM allocation's. The job's, not the step's: the slurm
+    plugin runs each job inside a one-task `srun` step, whose SLURM_NNODES can be 1 on a 2-node job."""
     n = params.strategy(strategy).nodes
     if n == "slurm":
-        if "SLURM_NNODES" not in environ:
+        count = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
+        if not count:
             raise StepError(f"strategies.{strategy}.nodes is \"slurm\" but this is not a SLURM job (no "
-                            "SLURM_NNODES); set a number or run through the slurm profile")
-        return int(environ["SLURM_NNODES"])
+                            "SLURM_JOB_NUM_NODES); set a number or run through the slurm profile")
+        return int(count)
     return n
+
+
+def srun_prefix(nodes: int, environ: Mapping[str, str]) -> list[str]:
+    """`srun` that starts one launcher on each node of this SLURM job. It runs inside a job step already (the
+    slurm plugin's own `srun`, or the user's), which holds the node's CPUs and GPUs: without `--overlap` the
+    new step would wait for them forever. Counts are explicit, so none is inherited from the outer step."""
+    cmd = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+           "--kill-on-bad-exit=1"]
+    cpus = environ.get("SLURM_CPUS_PER_TASK")
+    if cpus:  # else each launcher (and its N ranks) would get one CPU
+        cmd.append(f"--cpus-per-task={cpus}")
+    return cmd
 
 
 def first_host(nodelist: str) -> str:
@@ -145,7 +159,7 @@ def launch_command(params: Params, strategy: str, argv: Sequence[str],
                     f"{d.master_port}", f"--rdzv_id={job}"]
         cmd += ["-m", MODULE, *argv]
         if nodes > 1 and "SLURM_JOB_ID" in env:
-            cmd = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", *cmd]
+            cmd = [*srun_prefix(nodes, env), *cmd]
         return cmd
     # deepspeed: GPUs come from CUDA_VISIBLE_DEVICES (the lease); on CPU, LOCAL_SIZE (see launch_env)
     port = d.master_port if nodes > 1 else free_port()  # one machine: parallel jobs must not share a port

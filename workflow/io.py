@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from workflow.errors import StepError
+
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, staged: Path | None = None) -> Iterator[Path]:
@@ -60,6 +62,6 @@ def read_json(path: str | Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found; run the step that produces it first") from None
+        raise StepError(f"{path}: not found; run the step that produces it first") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}); delete it and rerun its step") from None
+        raise StepError(f"{path}: not valid JSON (line {exc.lineno}); delete it and rerun its step") from None

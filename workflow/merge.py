@@ -18,11 +18,13 @@ from peft import PeftModel
 
 from workflow import cli, devices
 from workflow.io import atomic_dir, write_json_atomic
-from workflow.modeling import eval_batches, load_tokenizer, load_unquantized, logits_of
+from workflow.modeling import eval_batches, load_tokenizer, load_unquantized, logits_of, peak_memory
 from workflow.params import Params, variant_id
 from workflow.precision import dtype_name, resolve_precision
 
 log = logging.getLogger(__name__)
+MEMORY_FILE = "merge_memory.json"  # the step's peak memory, beside the merged weights (varies run to run, so
+# not in the merge metrics); scripts/gpu_check.py reads it
 
 # Largest |merged - (base+adapter)| logit gap accepted, relative to the largest |logit|, per dtype. Unmerged,
 # the adapter runs in fp32 beside the base; merged, its delta is rounded into the base dtype, so the gap is
@@ -95,6 +97,7 @@ def merge_variant(
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp), max_shard_size=params.merge.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / MEMORY_FILE, peak_memory(plan.device))
         shards = sorted(p.name for p in tmp.glob("*.safetensors"))
         size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     log.info("merged %s: max |dlogit| %.3g (tolerance %.3g), %d shard(s)", out, diff, tol, len(shards))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import BitsAndBytesConfig
 
+from workflow import devices
 from workflow.errors import StepError
 
 @dataclass(frozen=True)
@@ -68,29 +69,59 @@ class PrecisionPlan:
         }
 
 
-def default_device() -> str:
-    """CUDA when there is one, else CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+BF16_COMPUTE = ("bf16", "nf4")  # the precisions whose matmuls run in bf16
 
 
-def _bf16_ok(device: str) -> bool:
-    # CPU autocast supports bf16 everywhere (slow without avx512-bf16, but correct); CUDA needs Ampere+.
-    return device == "cpu" or torch.cuda.is_bf16_supported()
+def compute_device() -> str:
+    """Where this process computes: `workflow.devices.job_device()` decides (the GPUs this job was given, read
+    through nvidia-smi and CUDA_VISIBLE_DEVICES, as the refusals and the leases read them); torch must agree.
+    A GPU machine whose torch cannot use its GPUs (a CPU-only wheel, a broken driver) is an error, never a
+    quiet CPU run, and so is a torch that sees GPUs which nvidia-smi does not list (none could be leased)."""
+    device = devices.job_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        pool = devices.gpu_pool()
+        names = ", ".join(sorted({g.name for g in pool if g.name})) or "nvidia-smi lists them"
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, which " \
+                "does not start on this driver"
+        raise StepError(f"this machine has {len(pool)} GPU(s) ({names}) but torch {torch.__version__} cannot use "
+                        f"them ({build}); install torch's CUDA build (scripts/setup.sh picks it on a GPU machine), "
+                        "or set CUDA_VISIBLE_DEVICES= (empty) to run on the CPU on purpose")
+    if device == "cpu" and not devices.gpu_pool() and torch.cuda.is_available():
+        raise StepError(f"torch sees {torch.cuda.device_count()} CUDA device(s) but nvidia-smi lists none (is it on "
+                        "PATH?), so no GPU can be leased; put nvidia-smi on PATH, or set CUDA_VISIBLE_DEVICES= "
+                        "(empty) to run on the CPU on purpose")
+    return device
+
+
+def _check_bf16(name: str, capability: tuple[int, int] | None) -> None:
+    # CPU autocast supports bf16 everywhere (slow without avx512-bf16, but correct); CUDA needs compute
+    # capability 8.0+, whatever torch.cuda.is_bf16_supported() (emulation included by default) says.
+    if name in BF16_COMPUTE and capability is not None and not devices.bf16_capable(capability):
+        raise StepError(f"precision {name} computes in bfloat16, which needs a GPU of compute capability 8.0+ "
+                        f"(Ampere or newer), not {capability[0]}.{capability[1]}; use fp16 or int8 on this GPU")
 
 
 def resolve_precision(
     name: str, device: str | None = None, *, optim: str | None = None, adam_epsilon: float | None = None,
     strategy: str = "single", quant_storage: str = "auto", local_rank: int = 0,
+    capability: tuple[int, int] | None = None,
 ) -> PrecisionPlan:
     """Map a precision name to its plan on `device` under `strategy`; `optim`/`adam_epsilon` override the
     defaults; `quant_storage` is the nf4 storage dtype (`auto`: bfloat16 under ZeRO-3, which can partition
-    4-bit weights only when they are stored in the compute dtype, else the packed uint8)."""
-    device = device or default_device()
+    4-bit weights only when they are stored in the compute dtype, else the packed uint8).
+
+    Without `device` (what the steps do) this process's device is decided (`compute_device`) and on CUDA
+    its GPU's compute capability read from torch; a given `device` makes a plan only (`capability`, when
+    given, is checked too)."""
+    if device is None:
+        device = compute_device()
+        if device == "cuda" and capability is None:
+            capability = tuple(torch.cuda.get_device_capability(local_rank))
     if device not in ("cpu", "cuda"):
         raise StepError(f"device '{device}' is not supported; use cpu or cuda")
     paged = "paged_adamw_32bit" if device == "cuda" else "adamw_torch"  # paging is CUDA unified memory only
-    if name in ("bf16", "nf4") and not _bf16_ok(device):
-        raise StepError(f"precision {name} computes in bf16, which this GPU lacks (pre-Ampere); use fp16 or int8")
+    if device == "cuda":
+        _check_bf16(name, capability)
 
     if name == "fp16":
         # Weights in fp16. On CUDA, fp16 autocast + GradScaler; on CPU, Trainer's fp16 flag is silently ignored
