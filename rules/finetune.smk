@@ -1,11 +1,33 @@
 # Phase 2: one LoRA adapter per variant, merged into the unquantized base, then evaluated.
 
 
+rule estimate:
+    input:
+        code=CODE["estimate"],
+        model=rules.download.output.model,
+        report=rules.preprocess.output.report,
+    output:
+        estimate="results/metrics/estimate/{model}-{precision}-{strategy}.json",
+    params:
+        values=lambda w: param_values(config, "estimate", model=w.model, precision=w.precision, strategy=w.strategy),
+    log:
+        "logs/estimate/{model}-{precision}-{strategy}.log",
+    conda:
+        "../envs/lowprec.yaml"
+    resources:
+        gpu=0,  # reads config.json and the data report only: no weights, no GPU
+    shell:
+        "python -m workflow.estimate --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
+        " --strategy {wildcards.strategy} --model-dir {input.model} --data-report {input.report}"
+        " --out {output.estimate} 2> {log}"
+
+
 rule train:
     input:
         code=CODE["train"],
         model=rules.download.output.model,
         data=rules.preprocess.output.data,
+        estimate=rules.estimate.output.estimate,  # a variant predicted not to fit is refused before training
     output:
         adapter=directory("results/adapters/{model}-{precision}-{strategy}"),
         metrics="results/metrics/train/{model}-{precision}-{strategy}.json",
@@ -22,10 +44,14 @@ rule train:
         "benchmarks/train/{model}-{precision}-{strategy}.tsv"
     conda:
         "../envs/lowprec.yaml"
-    # GPU machine: one core per process. CPU only: torch trains on every core, so say so (and timings stay clean).
-    threads: lambda w: PARAMS.processes(w.strategy) if GPU_POOL else workflow.cores
+    # GPU machine or cluster: one core per process (SLURM's cpus_per_task sets the job's CPUs). CPU only: torch
+    # trains on every core, so say so (and timings stay clean).
+    threads: lambda w: PARAMS.processes(w.strategy) if GPU_POOL or ON_CLUSTER else workflow.cores
+    # gpu: here, how many of `--resources gpu=N` the job holds (it leases that many GPU ids: workflow/devices.py).
+    # gres: on a cluster, GPUs per node (the slurm plugin would turn gpu= into --gpus=, a total over the nodes).
     resources:
-        gpu=lambda w: PARAMS.processes(w.strategy),  # the job leases that many GPU ids (workflow/devices.py)
+        gpu=lambda w: 0 if ON_CLUSTER else PARAMS.processes(w.strategy),
+        gres=lambda w: f"gpu:{PARAMS.processes(w.strategy)}",
         nodes=lambda w: node_count(PARAMS, w.strategy),  # SLURM allocates these (strategies.<s>.nodes)
     shell:
         "python -m workflow.train --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
@@ -52,7 +78,8 @@ rule merge:
     conda:
         "../envs/lowprec.yaml"
     resources:
-        gpu=1,
+        gpu=0 if ON_CLUSTER else 1,  # as train's: one GPU, leased
+        gres="gpu:1",
     shell:
         "python -m workflow.merge --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
         " --strategy {wildcards.strategy} --model-dir {input.model} --adapter {input.adapter} --data {input.data}"
@@ -79,7 +106,8 @@ rule evaluate:
     conda:
         "../envs/lowprec.yaml"
     resources:
-        gpu=1,
+        gpu=0 if ON_CLUSTER else 1,  # as train's: one GPU, leased
+        gres="gpu:1",
     shell:
         "python -m workflow.evaluate --params params.yaml --model {wildcards.model} --precision {wildcards.precision}"
         " --strategy {wildcards.strategy} --model-dir {input.model} --adapter {input.adapter}"

@@ -5,6 +5,7 @@
 rule report:
     input:
         code=CODE["report"],
+        estimate=expand("results/metrics/estimate/{id}.json", id=[v["id"] for v in VARIANTS]),
         train=expand("results/metrics/train/{id}.json", id=[v["id"] for v in VARIANTS]),
         timing=expand("results/metrics/timing/{id}.json", id=[v["id"] for v in VARIANTS]),
         merge=expand("results/metrics/merge/{id}.json", id=[v["id"] for v in VARIANTS]),

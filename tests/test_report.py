@@ -9,12 +9,23 @@ from workflow.params import load_params, variants
 from workflow.report import collect, render
 
 
-def write_metrics(root, vid: str, memory: float, speed: float, loss: float) -> None:
-    values = {"train": {}, "timing": {"peak_memory_bytes": memory, "tokens_per_s": speed},
+def write_metrics(root, vid: str, memory: float, speed: float, loss: float, kind: str = "cpu_peak_rss") -> None:
+    values = {"estimate": {"total_gb": 2 * memory / 1e9},
+              "train": {}, "timing": {"peak_memory_bytes": memory, "tokens_per_s": speed, "peak_memory_kind": kind},
               "merge": {}, "eval": {"eval_loss_merged": loss}, "eval_timing": {"peak_memory_bytes": memory}}
     for kind, data in values.items():
         (root / kind).mkdir(parents=True, exist_ok=True)
         (root / kind / f"{vid}.json").write_text(json.dumps(data))
+
+
+def test_predicted_gpu_memory_beside_the_measured_one_on_cuda_only(tmp_path):
+    params = load_params(params_with(tmp_path, matrix={"precision": ["bf16", "nf4"], "strategy": ["single"]},
+                                     matrix_zero={"precision": [], "strategy": []}))
+    write_metrics(tmp_path / "metrics", "tiny-bf16-single", 6e9, 100, 2.0, kind="cuda_max_memory_allocated")
+    write_metrics(tmp_path / "metrics", "tiny-nf4-single", 3e9, 100, 2.0)  # a CPU run: RSS, no GPU memory
+    rows = {r["variant"]: r for r in collect(params, tmp_path / "metrics")}
+    assert rows["tiny-bf16-single"]["predicted GPU GB"] == 12 and rows["tiny-bf16-single"]["measured / predicted"] == 0.5
+    assert rows["tiny-nf4-single"]["predicted GPU GB"] == 6 and rows["tiny-nf4-single"]["measured / predicted"] is None
 
 
 def test_report_without_a_bf16_row_divides_by_the_groups_first_precision(tmp_path):

@@ -37,8 +37,11 @@ COLUMNS = (
     ("train tokens/s", "timing", "tokens_per_s", "{:.0f}", "resources"),
     ("tokens/s x ref", "ratio", "train tokens/s", "{:.2f}", "resources"),
     ("samples/s", "timing", "samples_per_s", "{:.1f}", "resources"),
+    ("padding efficiency", "timing", "padding_efficiency", "{:.3f}", "resources"),  # real / padded batch tokens
     ("train s", "timing", "runtime_s", "{:.1f}", "resources"),
     ("eval peak mem MB", "eval_timing", "peak_memory_bytes", "{:.0f}", "resources"),
+    ("predicted GPU GB", "estimate", "total_gb", "{:.2f}", "resources"),  # workflow/estimate.py, per GPU
+    ("measured / predicted", "measured", "predicted GPU GB", "{:.2f}", "resources"),  # CUDA runs only
     ("device", "timing", "device_name", "{}", "resources"),
     ("train loss first", "train", "train_loss_first", "{:.3f}", "quality"),
     ("train loss last", "train", "train_loss_last", "{:.3f}", "quality"),
@@ -83,14 +86,16 @@ def collect(params: Params, metrics_dir: Path) -> list[dict]:
     rows = []
     for v in variants(params):
         files = {kind: read_json(metrics_dir / kind / f"{v['id']}.json")
-                 for kind in ("train", "timing", "merge", "eval", "eval_timing")}
+                 for kind in ("estimate", "train", "timing", "merge", "eval", "eval_timing")}
         files["variant"] = {**v, "template": params.models[v["model"]].template}
         row = {"variant": v["id"], "made": files["eval_timing"].get("made") or files["timing"].get("made") or {}}
         for column, source, key, _, _ in COLUMNS:
-            if source == "ratio":
+            if source in ("ratio", "measured"):
                 continue
             value = _get(files[source], key)
             row[column] = value / 1e6 if key in _MB and value is not None else value
+        on_gpu = str(row["peak mem kind"] or "").startswith("cuda")  # CPU RSS is no GPU memory: no ratio
+        row["measured / predicted"] = ratio(row["peak mem MB"] / 1e3, row["predicted GPU GB"]) if on_gpu else None
         rows.append(row)
     for row in rows:
         reference = reference_row(rows, row, params.report.reference)
