@@ -24,6 +24,7 @@ rule preprocess:
     input:
         code=CODE["preprocess"],
         model=rules.download.output.model,
+        data=data_files(config),  # data.source's file(s); none for builtin:tasks (code and params)
     output:
         data=directory("results/data/{model}"),
         report="results/metrics/data/{model}.json",

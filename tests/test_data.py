@@ -101,7 +101,8 @@ def test_judge_rows_unit():
 
 def test_too_long_rows_dropped_or_strict(tmp_path, builtin_tokenizer_dir):
     long_row = {"instruction": "Repeat.", "input": "", "output": "apple river stone " * 40}
-    path = _jsonl(tmp_path / "rows.jsonl", [json.dumps(OK)] * 6 + [json.dumps(long_row)] + [json.dumps(OK)] * 3)
+    distinct = [json.dumps({**OK, "output": f"{OK['output']} {i}"}) for i in range(9)]  # repeats would be deduped
+    path = _jsonl(tmp_path / "rows.jsonl", distinct[:6] + [json.dumps(long_row)] + distinct[6:])
     params = _params(source=str(path), eval_size=2, overlong="drop")
     report = preprocess(params, "tiny", builtin_tokenizer_dir, tmp_path / "out")
     assert report["dropped"] == {"too_long": {"count": 1, "first_rows": [7]}}
@@ -114,7 +115,7 @@ def test_too_long_rows_dropped_or_strict(tmp_path, builtin_tokenizer_dir):
 
 def test_empty_result_is_an_error(tmp_path, builtin_tokenizer_dir):
     long_row = {"instruction": "Repeat.", "input": "", "output": "apple river stone " * 40}
-    path = _jsonl(tmp_path / "rows.jsonl", [json.dumps(long_row)] * 5)
+    path = _jsonl(tmp_path / "rows.jsonl", [json.dumps({**long_row, "input": str(i)}) for i in range(5)])
     with pytest.raises(cli.StepError, match=r"every train row was dropped \(too_long: \d\)"):
         preprocess(_params(source=str(path), eval_size=1, overlong="drop"), "tiny", builtin_tokenizer_dir,
                    tmp_path / "out")

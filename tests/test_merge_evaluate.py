@@ -113,7 +113,7 @@ def test_evaluate_reports_base_adapter_merged(trained, builtin_model_dir, tiny_d
     params, adapters, tmp = trained
     merged = tmp / "merged-eval"
     merge_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], tiny_data_dir, merged)
-    m, rows = evaluate_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], merged,
+    m, rows, _ = evaluate_variant(params, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], merged,
                                tiny_data_dir)
     assert m["eval_rows"] == params.data.eval_size and m["eval_tokens"] > m["eval_rows"]
     assert m["eval_loss_adapter"] < 0.5 * m["eval_loss_base"]  # fine-tuning taught the format and the stop
@@ -169,3 +169,46 @@ def test_generation_stops_at_any_stop_word_and_cuts_there(builtin_model_dir):
     first = out.index(third)
     assert cut["stopped"] and cut["stop"] == tok.convert_ids_to_tokens(third) and cut["tokens"] == first
     assert cut["prediction"] == tok.decode(out[:first], skip_special_tokens=True).strip()
+
+
+def test_evaluate_holds_one_model_at_a_time(builtin_tokenizer_dir, tmp_path):
+    """On a model big enough to tell (~58 M params, 0.12 GB in bf16), evaluate's peak memory above what the
+    process held before loading is about one model's weights, not the two that base + adapter and merged
+    model together would take."""
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from workflow.preprocess import preprocess
+
+    tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
+    model_dir, adapter_dir, merged_dir = tmp_path / "big", tmp_path / "adapter", tmp_path / "merged"
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=8, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    params_file = params_with(tmp_path, models={"big": {"source": str(model_dir), "template": "human_assistant"}},
+                              data={"builtin_rows": 60, "eval_size": 8},
+                              evaluate={"max_eval_rows": 8}, generate={"max_new_tokens": 4})
+    params = load_params(params_file)
+    preprocess(params, "big", model_dir, tmp_path / "data")
+    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    base.save_pretrained(merged_dir)  # a fresh LoRA's B is zero: the merged model is the base (merge's own
+    tok.save_pretrained(merged_dir)  # logit check is tested above; here only the sizes matter)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter_dir)
+    timing = tmp_path / "eval_timing.json"
+    cmd = [sys.executable, "-m", "workflow.evaluate", "--params", str(params_file), "--model", "big",
+           "--precision", "bf16", "--strategy", "single", "--model-dir", str(model_dir), "--adapter",
+           str(adapter_dir), "--merged", str(merged_dir), "--data", str(tmp_path / "data"),
+           "--metrics", str(tmp_path / "eval.json"), "--predictions", str(tmp_path / "p.jsonl"), "--timing", str(timing)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = json.loads(timing.read_text())
+    assert t["merged_weights_bytes"] > 100e6 and t["peak_memory_kind"] == "cpu_peak_rss"
+    assert t["models_peak_over_one_model"] == pytest.approx(
+        (t["peak_memory_bytes"] - t["memory_before_models_bytes"]) / t["merged_weights_bytes"], abs=1e-3)
+    assert 0.8 < t["models_peak_over_one_model"] < 1.5, t  # two models at once would be >= 2

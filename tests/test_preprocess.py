@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import params_with
 from workflow import cli, tasks
+from workflow.errors import ParamsError
 from workflow.params import Columns, load_params
 from workflow.preprocess import load_rows, main, preprocess, split_rows
 from workflow.templates import get_template
@@ -267,8 +268,54 @@ def test_column_mapping(tmp_path, params):
 
 
 def test_builtin_rows(params):
+    train, evals = tasks.builtin_split(120, 20, params.seed)
     got, bad, read = load_rows(params)
-    assert [r for _, r in got] == [_clean(r) for r in tasks.alpaca_rows(120, params.seed)] and read == 120
+    assert [r for _, r in got] == [_clean(r) for r in train + evals] and read == 120 and len(evals) == 20
+
+
+@pytest.mark.parametrize("seed", [0, 42, 1234])
+def test_builtin_eval_rows_ask_for_facts_no_train_row_shows(seed):
+    """Distinct rows; no eval row's answer (word, number, character) is the answer or input of a train row of
+    its kind, so the eval measures generalisation, not recall of training rows."""
+    train, evals = tasks.builtin_split(640, 96, seed)
+    as_text = lambda rows: [json.dumps(r, sort_keys=True) for r in rows]  # noqa: E731
+    assert len(set(as_text(train + evals))) == 640 and len(evals) == 96
+    assert len({r["instruction"] for r in evals}) == len(tasks.TASKS)  # every task is asked
+    number_answers = {r["output"] for r in train if r["output"].isdigit() and r["instruction"] != "How many "
+                      "letters does the word have?"}
+    words = {r["input"] for r in train if r["input"].isalpha() and r["input"].isascii()}
+    for r in evals:
+        if r["instruction"] == "How many letters does the word have?" or r["input"].isalpha() and r["input"].isascii():
+            assert r["input"] not in words, r  # a held-out word: no train row reverses, spells or counts it
+        elif r["output"].isdigit():
+            assert r["output"] not in number_answers, r  # a held-out number: no train answer is it
+    with pytest.raises(ParamsError, match="data.builtin_rows: builtin:tasks has .* distinct rows"):
+        tasks.builtin_split(5000, 96, seed)
+    with pytest.raises(ParamsError, match="data.eval_size: builtin:tasks holds out"):
+        tasks.builtin_split(640, 600, seed)
+
+
+def test_duplicates_are_dropped_before_the_split_and_overlap_is_reported(tmp_path, bpe_tokenizer_dir, params):
+    """A user file with repeats: every conversation is kept once (so none is both trained and scored), and
+    eval rows that ask a train row's prompt with another answer are counted and warned about."""
+    rows = [{"instruction": f"Name {i}.", "output": f"n{i}"} for i in range(30)]
+    rows += [rows[3], rows[3], rows[7]]  # exact repeats: dropped
+    rows += [{"instruction": f"Name {i}.", "output": f"other {i}"} for i in range(30)]  # same prompts, new answers
+    path = tmp_path / "dupes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = preprocess(_with_data(params, source=str(path), eval_size=20), "tiny", bpe_tokenizer_dir,
+                        tmp_path / "out")
+    assert report["duplicates_dropped"] == {"count": 3, "first_rows": [31, 32, 33]}
+    assert report["rows_kept"] == 60 and report["overlap"]["conversations"] == 0
+    assert report["overlap"]["prompts"] > 0  # 20 of 60 rows in eval: some prompts are in both splits
+    assert any(f"{report['overlap']['prompts']} of 20 eval rows ask a prompt" in w for w in report["warnings"])
+    assert any("3 duplicate rows dropped" in w for w in report["warnings"])
+
+
+def test_builtin_data_has_no_duplicates_and_no_overlap(tmp_path, bpe_tokenizer_dir, params):
+    report = preprocess(params, "tiny", bpe_tokenizer_dir, tmp_path / "out")
+    assert report["duplicates_dropped"]["count"] == 0
+    assert report["overlap"] == {"conversations": 0, "prompts": 0, "first_rows": []} and not report["warnings"]
 
 
 def _bad_sources(tmp_path: Path) -> list[tuple[str, Path, str]]:
@@ -371,7 +418,8 @@ def test_cli_end_to_end(tmp_path, bpe_tokenizer_dir):
     assert (len(train), len(evals)) == (52, 8)
     assert train.column_names == ["input_ids", "attention_mask", "labels", "reply_start"]
     raw = [json.loads(line) for line in (out / "raw.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert raw == tasks.alpaca_rows(60, 42)
+    train_rows, eval_rows = tasks.builtin_split(60, 8, 42)
+    assert raw == [{**r, "split": "train"} for r in train_rows] + [{**r, "split": "eval"} for r in eval_rows]
     report = json.loads((out / "report.json").read_text())
     assert report["train_rows"] == 52 and report["examples_eos_truncated"] == 0
 

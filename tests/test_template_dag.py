@@ -49,7 +49,7 @@ def test_template_runs_through_the_dag(template, builtin_model_dir, tmp_path):
     merge = merge_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter", data_dir,
                           tmp_path / "merged")
     assert merge["merge_max_abs_logit_diff"] <= merge["merge_tolerance"]
-    ev, rows = evaluate_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter",
+    ev, rows, _ = evaluate_variant(params, "tiny", "fp16", "single", builtin_model_dir, tmp_path / "adapter",
                                 tmp_path / "merged", data_dir)
     assert ev["eval_rows"] == 32
     # stops at the template's own stop (qwen: <|im_end|>; stopping at eos only gave 0 here) after 40 steps

@@ -1,7 +1,9 @@
 """Both orchestrators, one DAG: lint, agreement, and real end-to-end runs of a small config.
 
-The end-to-end tests copy the project into a temporary git repository with a smaller params.yaml
-(shorter pre-training and training) and run `snakemake` in one copy and `dvc repro` in another.
+The end-to-end tests copy the project into a temporary git repository with a smaller params.yaml (shorter
+pre-training and training). One copy runs the README's main command (`scripts/run.sh`: Snakemake over the
+whole matrix, then DVC records the results) and checks that `dvc repro` then has nothing to do; another runs
+`dvc repro` and `dvc exp` over a part of the matrix (every step, both ZeRO stages), compared job by job.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,10 @@ PRECISIONS = ("fp16", "bf16", "int8", "nf4")
 # params.yaml's matrix (every precision, single and zero2) and matrix_zero (zero3); ZeRO: 2 processes, on CPU
 ZERO = tuple(f"tiny-{p}-zero2" for p in PRECISIONS) + ("tiny-bf16-zero3", "tiny-nf4-zero3")
 VARIANTS = tuple(f"tiny-{p}-single" for p in PRECISIONS) + ZERO
+# The DVC copy's matrix: a 16-bit and a 4-bit precision, single-device and both ZeRO stages
+DVC_MATRIX = {"matrix": {"model": ["tiny"], "precision": ["bf16", "nf4"], "strategy": ["single", "zero2"]},
+              "matrix_zero": {"model": ["tiny"], "precision": ["nf4"], "strategy": ["zero3"]}}
+DVC_VARIANTS = ("tiny-bf16-single", "tiny-nf4-single", "tiny-bf16-zero2", "tiny-nf4-zero2", "tiny-nf4-zero3")
 SMALL = {  # the default experiment, shortened: every step and precision still runs for real
     "builtin": {"pretrain_steps": 80, "corpus_size": 3000},
     "data": {"builtin_rows": 480, "eval_size": 32},
@@ -44,8 +51,9 @@ def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
-def make_project(dest: Path, params: dict | None = None) -> Path:
-    """A git + DVC copy of the tracked project files with the SMALL params (or `params`) committed."""
+def make_project(dest: Path, params: dict | None = None, **sections) -> Path:
+    """A git + DVC copy of the tracked project files with the SMALL params (or `params`; `sections` merged
+    over SMALL) committed; the project's .venv is linked in."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     files += [p for p in subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT,
                                          capture_output=True, text=True, check=True).stdout.split()]
@@ -54,13 +62,16 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
     if params is None:
-        params_with(dest, dest / "params.yaml", **{k: {"tiny-llama": v} if k == "builtin" else v
-                                                   for k, v in SMALL.items()})
+        small = {k: {"tiny-llama": v} if k == "builtin" else v for k, v in SMALL.items()}
+        params_with(dest, dest / "params.yaml", **small)
+        params_with(dest, dest / "params.yaml", **sections)
     else:
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    sh([sys.executable, "-m", "workflow.stages", "--write"], dest)  # a file data.source is a dvc.yaml dep
     sh(["git", "init", "-q"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-qm", "project"], dest)
+    (dest / ".venv").symlink_to(ROOT / ".venv")  # untracked (.gitignore): setup finds it and installs nothing
     return dest
 
 
@@ -162,14 +173,15 @@ def test_snakemake_and_dvc_run_the_same_commands_outputs_and_params():
 
 @pytest.fixture(scope="module")
 def smk_repo(tmp_path_factory) -> Path:
+    """A fresh clone after the README's main command (every job, then `dvc commit`)."""
     repo = make_project(tmp_path_factory.mktemp("smk"))
-    sh(["snakemake", "--cores", "2", "--resources", "gpu=2"], repo)
+    sh(["scripts/run.sh"], repo)
     return repo
 
 
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory) -> Path:
-    repo = make_project(tmp_path_factory.mktemp("dvc"))
+    repo = make_project(tmp_path_factory.mktemp("dvc"), **DVC_MATRIX)
     sh(["dvc", "init", "-q", "-f"], repo) if not (repo / ".dvc").is_dir() else None
     sh(["dvc", "repro"], repo)
     sh(["git", "add", "-A"], repo)
@@ -251,7 +263,7 @@ def test_snakemake_reruns_only_the_changed_variant(smk_repo):
 def test_dvc_end_to_end_then_snakemake_has_nothing_to_redo(dvc_repo):
     status = sh(["dvc", "status"], dvc_repo).stdout
     assert "up to date" in status
-    for variant in VARIANTS:
+    for variant in DVC_VARIANTS:
         assert read_metrics(dvc_repo, "eval", variant)["eval_loss_adapter"] > 0
     assert (dvc_repo / "results/report/summary.md").is_file()
     assert dry_jobs(dvc_repo) == []  # DVC's outputs are finished work for Snakemake too
@@ -261,7 +273,7 @@ def test_dvc_plots_show_renders_the_loss_curves_of_every_variant(dvc_repo):
     shown = json.loads(sh(["dvc", "plots", "show", "--json"], dvc_repo).stdout)
     assert not shown.get("errors"), shown["errors"]
     plots = shown["data"]
-    for precision in PRECISIONS:
+    for precision in ("bf16", "nf4"):
         for path in (f"results/plots/loss/tiny-{precision}-single.csv",  # dvc.yaml's top-level plots section
                      f"results/live/tiny-{precision}-single/plots/metrics/train/loss.tsv"):  # dvclive, live
             points = plots[path][0]["content"]["data"]["values"]
@@ -272,7 +284,7 @@ def test_dvc_plots_show_renders_the_loss_curves_of_every_variant(dvc_repo):
 
 def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
     """Everything but the timing file is deterministic, ZeRO's 2-process runs included: whole files compare equal."""
-    for variant in VARIANTS:
+    for variant in DVC_VARIANTS:
         for kind in ("train", "merge", "eval"):
             assert read_metrics(smk_repo, kind, variant) == read_metrics(dvc_repo, kind, variant), (kind, variant)
         for path in (f"results/plots/loss/{variant}.csv", f"results/predictions/{variant}.jsonl"):
@@ -281,24 +293,57 @@ def test_two_runs_give_identical_quality_metrics(smk_repo, dvc_repo):
 
 
 def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
-    params_with(dvc_repo, dvc_repo / "params.yaml", variants={"int8": {"learning_rate": 0.001}})  # int8's single and zero2 variants
+    params_with(dvc_repo, dvc_repo / "params.yaml", variants={"bf16": {"learning_rate": 0.001}})  # bf16's single and zero2 variants
     out = sh(["dvc", "repro"], dvc_repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {f"{step}@tiny-int8-{s}" for step in ("train", "merge", "evaluate") for s in ("single", "zero2")
+    assert ran == {f"{step}@tiny-bf16-{s}" for step in ("train", "merge", "evaluate") for s in ("single", "zero2")
                    } | {"report"}, out
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], dvc_repo).stdout)
     changed = {path for path, metrics in diff.items() for m in metrics.values() if m.get("diff")}
-    for variant in ("tiny-int8-single", "tiny-int8-zero2"):
+    for variant in ("tiny-bf16-single", "tiny-bf16-zero2"):
         assert {f"results/metrics/eval/{variant}.json", f"results/metrics/train/{variant}.json"} <= changed
-    assert not any("bf16" in p or "fp16" in p or "nf4" in p for p in changed if "/eval/" in p)
+    assert not any("nf4" in p for p in changed if "/eval/" in p)
     assert dry_jobs(dvc_repo) == []  # Snakemake agrees that the rerun branch is finished
 
 
-def test_snakemake_results_handed_to_dvc(smk_repo):
-    """After a Snakemake run, `dvc commit` records its outputs and `dvc repro` redoes nothing."""
-    sh(["dvc", "commit", "-f", "-q"], smk_repo)
+def test_readme_sequence_leaves_dvc_repro_nothing_to_do(smk_repo):
+    """The README's order on a fresh clone: `scripts/run.sh` (it hands Snakemake's results to DVC), then
+    `dvc repro` runs no stage and takes seconds, not the minutes a rerun of the DAG would."""
+    start = time.monotonic()
     out = sh(["dvc", "repro"], smk_repo).stdout
-    assert "Running stage" not in out
+    assert "Running stage" not in out and time.monotonic() - start < 60, out
+    assert "up to date" in sh(["dvc", "status"], smk_repo).stdout
+
+
+def test_a_data_edit_reruns_its_branch_in_both_tools(tmp_path):
+    """data.source is a dependency of preprocess in both DAGs: dvc.lock holds its hash, and one changed byte
+    reruns preprocess and everything after it (not the download), in DVC and in Snakemake."""
+    from workflow import tasks
+
+    rows = sum(tasks.builtin_split(120, 16, 0), [])
+    (tmp_path / "data").mkdir()
+    data = tmp_path / "data/rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    repo = make_project(tmp_path, data={"source": "data/rows.jsonl", "eval_size": 16},
+                        matrix={"model": ["tiny"], "precision": ["bf16"], "strategy": ["single"]},
+                        matrix_zero={"model": [], "precision": [], "strategy": []},
+                        train={"max_steps": 10, "save_steps": 10})
+    assert "- \"data/rows.jsonl\"" in (repo / "dvc.yaml").read_text()
+    sh(["dvc", "repro"], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    dep = next(d for d in lock["stages"]["preprocess@tiny"]["deps"] if d["path"] == "data/rows.jsonl")
+    assert dep["md5"] and dep["size"] == data.stat().st_size
+    assert dry_jobs(repo) == []
+    data.write_text(data.read_text(encoding="utf-8").replace('"output": "', '"output": "x', 1), encoding="utf-8")
+    assert dry_jobs(repo) == ["evaluate", "merge", "preprocess", "report", "train"]
+    out = sh(["dvc", "repro"], repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"preprocess@tiny", "train@tiny-bf16-single", "merge@tiny-bf16-single",
+                   "evaluate@tiny-bf16-single", "report"}, out
+    params_with(repo, repo / "params.yaml", data={"source": "data/other.jsonl"})  # dvc.yaml not regenerated
+    proc = sh(["snakemake", "-n", "--cores", "1"], repo, check=False)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode and "dvc.yaml is out of date" in said and "workflow.stages --write" in said, said
 
 
 def test_dvc_experiment_with_another_lora_rank_diffs_every_variant(dvc_repo):
@@ -307,7 +352,7 @@ def test_dvc_experiment_with_another_lora_rank_diffs_every_variant(dvc_repo):
     sh(["git", "checkout", "params.yaml"], dvc_repo)  # the baseline params (an earlier test edited them)
     sh(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], dvc_repo)
     diff = json.loads(sh(["dvc", "metrics", "diff", "HEAD", "lora-r4", "--json"], dvc_repo).stdout)
-    for variant in VARIANTS:
+    for variant in DVC_VARIANTS:
         for kind in ("train", "eval"):
             changed = diff[f"results/metrics/{kind}/{variant}.json"]
             assert any(m.get("diff") for m in changed.values()), (kind, variant)

@@ -111,7 +111,8 @@ def evaluate_variant(
     params: Params, model: str, precision: str, strategy: str,
     model_dir: Path, adapter_dir: Path, merged_dir: Path, data_dir: Path,
 ) -> tuple[dict, list[dict]]:
-    """Metrics of base, adapter and merged model on the eval split, and every generation (rows with `model`)."""
+    """Metrics of base, adapter and merged model on the eval split, every generation (rows with `model`), and
+    the peak memory before the first model loaded."""
     check_adapter(adapter_dir)
     set_seed(params.seed)  # only sampling (generate.do_sample) draws random numbers
     entry = params.models[model]
@@ -123,6 +124,7 @@ def evaluate_variant(
     pairs = prompts_and_references(batches, stops)
 
     losses, predictions = {}, {}
+    memory_before = peak_memory(plan.device)["peak_memory_bytes"]  # the process before any model: not models'
     base = load_base(model_dir, plan, entry.trust_remote_code).eval()
     losses["base"] = token_loss(base, batches)[0]
     predictions["base"] = generate_answers(base, tokenizer, pairs, params.generate, stops)
@@ -159,16 +161,24 @@ def evaluate_variant(
              metrics["variant"], losses["base"], losses["adapter"], losses["merged"],
              metrics["exact_match_merged"], metrics["eos_stop_rate_merged"])
     rows = [{"model": name, "row": i, **r} for name in MODELS for i, r in enumerate(predictions[name])]
-    return metrics, rows
+    return metrics, rows, memory_before
 
 
-def evaluate_timing(params: Params, model: str, precision: str, strategy: str, model_dir: Path) -> dict:
-    """What evaluating cost (varies from run to run, so not in the metrics): the step's peak memory, next to
-    the size of one model's weights on disk, to show the step holds one model at a time."""
-    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+def evaluate_timing(params: Params, model: str, precision: str, strategy: str, model_dir: Path, merged_dir: Path,
+                    before: int) -> dict:
+    """What evaluating cost (varies from run to run, so not in the metrics): the step's peak memory, the
+    memory in use before any model loaded (`before`: on a CPU the process with torch imported), and one
+    merged model's weight bytes, so that `models_peak_over_one_model` ~1 shows one model held at a time."""
+    def weights(path: Path) -> int:
+        return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
     device = resolve_precision(precision).device
-    return {"variant": variant_id(model, precision, strategy), "base_weights_bytes": weights,
-            **peak_memory(device), "made": provenance(device)}
+    peak = peak_memory(device)
+    one_model = weights(merged_dir)  # the unquantized dtype: the largest of the three models evaluated
+    return {"variant": variant_id(model, precision, strategy), "base_weights_bytes": weights(model_dir),
+            "merged_weights_bytes": one_model, **peak, "memory_before_models_bytes": before,
+            "models_peak_over_one_model": round((peak["peak_memory_bytes"] - before) / one_model, 3),
+            "made": provenance(device)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,11 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = params.distributed  # one GPU, leased like the train step's (see workflow/devices.py)
     devices.lease_then_reexec(1, d.gpu_lock_dir, d.gpu_wait_s, variant_id(args.model, args.precision, args.strategy),
                               "workflow.evaluate", argv)
-    metrics, rows = evaluate_variant(
+    metrics, rows, before = evaluate_variant(
         params, args.model, args.precision, args.strategy, args.model_dir, args.adapter, args.merged, args.data
     )
     write_text_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_json_atomic(args.timing, evaluate_timing(params, args.model, args.precision, args.strategy, args.model_dir))
+    write_json_atomic(args.timing, evaluate_timing(params, args.model, args.precision, args.strategy, args.model_dir,
+                                                   args.merged, before))
     write_json_atomic(args.metrics, metrics)
     return 0
 

@@ -113,10 +113,22 @@ def peak_memory(device: str) -> dict[str, object]:
             "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()),
             "peak_memory_kind": "cuda_max_memory_allocated",
         }
-    return {
-        "peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,  # Linux reports KiB
-        "peak_memory_kind": "cpu_peak_rss",
-    }
+    return {"peak_memory_bytes": peak_rss(), "peak_memory_kind": "cpu_peak_rss"}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since it started its program, in bytes.
+
+    Linux's VmHWM (the high-water mark of this program's own memory map). Not getrusage's ru_maxrss: Linux
+    carries that across exec, so a step started by a big parent (pytest, Snakemake via its shell) would
+    report at least the parent's size at fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # no procfs: KiB on Linux
 
 
 def eval_batches(data_dir: str | Path, tokenizer, batch_size: int, max_rows: int | None = None) -> list[dict]:

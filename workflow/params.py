@@ -7,12 +7,14 @@ Called by the Snakefile at parse time and by every step at start. Imports no tor
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from workflow.devices import bf16_capable
 from workflow.errors import ParamsError
 
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
@@ -152,6 +154,17 @@ class Lora(_Strict):
 
 
 class Train(_Strict):
+    """How the adapter trains. Batching (workflow/batching.py):
+
+    - `group_by_length` (default false): batches of similar lengths (the Trainer's LengthGroupedSampler, seeded
+      by `seed` and the epoch) instead of the seeds' random batches. Off by default: it changes which examples
+      share a step (each mega-batch of 50 batches is sorted by length, longest first), so the loss curve and
+      what is learned differ from the seeds' recipe; packing gets the same throughput without that.
+    - `packing` (default false): each batch's examples in one row without padding, each attending only to
+      itself (position ids restart per example; attention split at the boundaries). The batches and their
+      loss are the same as padded ones; only the padding compute goes.
+    """
+
     max_steps: int = Field(ge=-1)
     num_train_epochs: float = Field(gt=0)
     per_device_train_batch_size: int = Field(gt=0)
@@ -166,6 +179,8 @@ class Train(_Strict):
     max_grad_norm: float = Field(gt=0)
     adam_epsilon: float | None = Field(default=None, gt=0)  # None: the precision's default
     optim: str | None = None  # None: the precision's default optimizer
+    group_by_length: bool = False  # similar lengths per batch; off: the seeds' random batches (docstring above)
+    packing: bool = False  # padding-free rows of whole examples; off: right-padded batches as in the seeds
 
 
 def _optional(field) -> object:
@@ -208,6 +223,8 @@ class Distributed(_Strict):
     hostfile: str | None = None  # deepspeed launcher on several nodes: `host slots=N` lines
     gpu_lock_dir: str = "/tmp/lowprec-gpu-locks"  # machine-wide: the jobs of every project share the GPUs
     gpu_wait_s: float = Field(default=3600, ge=0)  # how long a job waits for free GPU ids before failing
+    gpu_memory_gb: float | None = Field(default=None, gt=0)  # per GPU; set: variants predicted not to fit
+    # (workflow/estimate.py) are refused before training. null: no check
 
 
 class Merge(_Strict):
@@ -301,9 +318,11 @@ def variants(params: Params) -> list[dict[str, str]]:
     return out
 
 
-def refusal(params: Params, model: str, precision: str, strategy: str, device: str | None = None) -> str | None:
+def refusal(params: Params, model: str, precision: str, strategy: str, device: str | None = None,
+            gpus: Sequence[tuple[str, tuple[int, int]]] = ()) -> str | None:
     """Why a variant cannot run (None: it can). Checked for the whole matrix before any compute; `device`
-    ("cpu"/"cuda", None: not known yet) adds what only that kind of machine cannot do."""
+    ("cpu"/"cuda", None: not known yet) and `gpus` ((name, compute capability) of the GPUs the jobs may get)
+    add what only that kind of machine cannot do."""
     vid = variant_id(model, precision, strategy)
     entry = params.models[model]
     settings = params.strategy(strategy)
@@ -322,28 +341,39 @@ def refusal(params: Params, model: str, precision: str, strategy: str, device: s
     if precision == "fp16" and strategy == "zero3" and device == "cpu":
         return (f"{vid}: DeepSpeed on CPU has no fp16 mode, so ZeRO-3 would partition the weights as fp32 and "
                 "train no fp16 at all; run fp16 under zero3 on GPUs, or use zero2 (fp16 weights) or bf16 here")
+    old = sorted({f"{name} ({c[0]}.{c[1]})" for name, c in gpus if not bf16_capable(c)})
+    if precision in ("bf16", "nf4") and device == "cuda" and old:
+        return (f"{vid}: {precision} computes in bfloat16, which needs GPUs of compute capability 8.0+ (Ampere or "
+                f"newer), and this machine's jobs may get {', '.join(old)} (torch.cuda.is_bf16_supported() says "
+                "yes there only by emulation); use fp16 or int8 on them, or hide them with CUDA_VISIBLE_DEVICES")
+    if params.variant_train(precision).packing and entry.trust_remote_code:
+        return (f"{vid}: train.packing needs transformers' own attention code, which keeps packed examples apart; "
+                f"models.{model} runs its own (trust_remote_code); set train.packing: false for it")
     if precision == "fp16" and entry.trained_dtype == "bfloat16" and not entry.force_fp16:
         return (f"{vid}: models.{model} was trained in bfloat16, whose range fp16 lacks (activations overflow, "
                 f"the loss turns NaN); use bf16 or nf4, or set models.{model}.force_fp16: true to try anyway")
     return None
 
 
-def check_matrix(params: Params, device: str | None = None) -> None:
-    """Refuse the first impossible variant of the matrix (on `device`, when known), naming it and the reason."""
+def check_matrix(params: Params, device: str | None = None, gpus: Sequence[tuple[str, tuple[int, int]]] = ()) -> None:
+    """Refuse the first impossible variant of the matrix (on `device` with `gpus`, when known), naming it and
+    the reason."""
     seen = set()
     for v in variants(params):
         if v["id"] in seen:
             raise ValueError(f"{v['id']}: in both matrix and matrix_zero; list each variant once")
         seen.add(v["id"])
-        reason = refusal(params, v["model"], v["precision"], v["strategy"], device)
+        reason = refusal(params, v["model"], v["precision"], v["strategy"], device, gpus)
         if reason:
             raise ValueError(reason)
 
 
-def check_machine(params: Params, device: str, path: str | Path) -> None:
-    """`check_matrix` for the machine the jobs run on (`cpu`/`cuda`): a ParamsError naming the params file."""
+def check_machine(params: Params, device: str, path: str | Path,
+                  gpus: Sequence[tuple[str, tuple[int, int]]] = ()) -> None:
+    """`check_matrix` for the machine the jobs run on (`cpu`/`cuda`, its GPUs' names and compute capabilities:
+    `workflow.devices.Machine.described`): a ParamsError naming the params file."""
     try:
-        check_matrix(params, device)
+        check_matrix(params, device, gpus)
     except ValueError as exc:
         raise ParamsError(f"{path}: {exc}") from None
 

@@ -18,19 +18,27 @@ from workflow import cli, tasks
 from workflow.data import FIRST_ROWS, BadRows, judge_rows, position_unit, read_source
 from workflow.io import atomic_dir, write_json_atomic
 from workflow.params import Params
+from workflow.stages import STALE, dvc_yaml_is_current
 from workflow.templates import get_template
-from workflow.tokenize import load_tokenizer, tokenize_rows
+from workflow.tokenize import load_tokenizer, render_conversation, tokenize_rows
 
 log = logging.getLogger("workflow.preprocess")
 
 BUILTIN_SOURCE = "builtin:tasks"
 
 
+def builtin_rows(params: Params) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows of `builtin:tasks`: distinct, eval on held-out words and numbers (workflow/tasks.py)."""
+    return tasks.builtin_split(params.data.builtin_rows, params.data.eval_size, params.seed)
+
+
 def load_rows(params: Params) -> tuple[list[tuple[int, dict]], BadRows, int]:
-    """The good rows named by `data.source` as (row/line number, row), the bad-row tally, rows read."""
+    """The good rows named by `data.source` as (row/line number, row), the bad-row tally, rows read.
+    `builtin:tasks` rows come train rows first, then the eval rows."""
     source = params.data.source
     if source == BUILTIN_SOURCE:
-        records = list(enumerate(tasks.alpaca_rows(params.data.builtin_rows, params.seed), 1))
+        train, eval_rows = builtin_rows(params)
+        records = list(enumerate(train + eval_rows, 1))
     elif source.startswith("builtin:"):
         raise cli.StepError(f"data.source: unknown builtin '{source}'; use {BUILTIN_SOURCE} or a file path")
     else:
@@ -54,6 +62,31 @@ def split_rows(rows: list, eval_size: int, seed: int) -> tuple[list, list]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order[eval_size:]], [rows[i] for i in order[:eval_size]]
+
+
+def dedupe(rows: list[tuple[int, dict]], template) -> tuple[list[tuple[int, dict]], dict]:
+    """The rows with every repeat of an earlier row's rendered conversation dropped (the first one stays),
+    and what was dropped: a repeat that lands in eval would score a training example."""
+    seen: set[str] = set()
+    kept, dropped = [], []
+    for number, row in rows:
+        text = render_conversation(row, template)[1]
+        if text in seen:
+            dropped.append(number)
+        else:
+            seen.add(text)
+            kept.append((number, row))
+    return kept, {"count": len(dropped), "first_rows": dropped[:FIRST_ROWS]}
+
+
+def overlap(train_rows: list[tuple[int, dict]], eval_rows: list[tuple[int, dict]], template) -> dict:
+    """Eval rows whose whole conversation, or whose prompt alone (a different answer), is also in train."""
+    rendered = [render_conversation(r, template) for _, r in train_rows]
+    prompts, texts = {p for p, _ in rendered}, {t for _, t in rendered}
+    same = [(n, render_conversation(r, template)) for n, r in eval_rows]
+    conversations = [n for n, (_, t) in same if t in texts]
+    asked = [n for n, (p, _) in same if p in prompts]
+    return {"conversations": len(conversations), "prompts": len(asked), "first_rows": asked[:FIRST_ROWS]}
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:
@@ -84,13 +117,20 @@ def preprocess(params: Params, model_key: str, model_dir: str | Path, out: str |
     if not model_dir.is_dir():
         raise cli.StepError(f"{model_dir}: model directory not found; run the download step for '{model_key}'")
     rows, bad, rows_read = load_rows(params)
-    train_rows, eval_rows = split_rows(rows, data.eval_size, params.seed)
+    rows, duplicates = dedupe(rows, template)  # before the split: no copy of a train row can land in eval
+    if data.source == BUILTIN_SOURCE:  # split by held-out facts, not by shuffle
+        n_train = data.builtin_rows - data.eval_size
+        train_rows, eval_rows = [r for r in rows if r[0] <= n_train], [r for r in rows if r[0] > n_train]
+    else:
+        train_rows, eval_rows = split_rows(rows, data.eval_size, params.seed)
+    shared = overlap(train_rows, eval_rows, template)
     tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
     report: dict = {
         "model": model_key, "source": data.source, "seed": params.seed, "template": template.name,
         "max_length": data.max_length, "overlong": data.overlong, "last_turn_only": data.last_turn_only,
         "rows_read": rows_read, "position_unit": bad.unit, "examples_truncated": 0,
         "examples_eos_truncated": 0, "truncated_first_rows": [], "token_length": {}, "warnings": [],
+        "duplicates_dropped": duplicates, "overlap": shared,
     }
     splits = {}
     for split, part in (("train", train_rows), ("eval", eval_rows)):
@@ -112,14 +152,24 @@ def preprocess(params: Params, model_key: str, model_dir: str | Path, out: str |
         report["warnings"].append(
             f"{report['examples_eos_truncated']} examples exceed data.max_length={data.max_length} and lost "
             "their stop token (overlong: truncate_end); the model will not learn to stop on them")
+    if duplicates["count"]:
+        report["warnings"].append(
+            f"{duplicates['count']} duplicate rows dropped before the train/eval split (first {bad.unit}s "
+            f"{', '.join(map(str, duplicates['first_rows']))}); each conversation is kept once")
+    if shared["prompts"]:
+        report["warnings"].append(
+            f"{shared['prompts']} of {len(eval_rows)} eval rows ask a prompt a train row also asks, with another "
+            f"answer ({bad.unit}s {', '.join(map(str, shared['first_rows']))}); their scores partly measure "
+            "recall of training data: give each prompt one answer in data.source")
     if bad.count:
         report["warnings"].append(f"{bad.count} bad rows dropped ({bad.summary()}); data.strict: true fails instead")
     with atomic_dir(out) as tmp:
         for split, columns in splits.items():
             Dataset.from_dict(columns).save_to_disk(str(tmp / split))
-        if data.source == BUILTIN_SOURCE:  # let users see the generated data
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                           for r in tasks.alpaca_rows(data.builtin_rows, params.seed))
+        if data.source == BUILTIN_SOURCE:  # let users see the generated data, each row with its split
+            train, held = builtin_rows(params)
+            text = "".join(json.dumps({**r, "split": split}, ensure_ascii=False) + "\n"
+                           for split, part in (("train", train), ("eval", held)) for r in part)
             (tmp / "raw.jsonl").write_text(text, encoding="utf-8")
         write_json_atomic(tmp / "report.json", report)
     if report_path is not None:
@@ -138,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", help="also write the data report here (a metric), e.g. results/metrics/data/<key>.json")
     args = p.parse_args(argv)
     params = cli.load_checked(args)
+    if Path(args.params).resolve() == Path("params.yaml").resolve() and not dvc_yaml_is_current():
+        raise cli.StepError(STALE)  # dvc.yaml would not track this data.source (a `dvc repro` of it)
     import datasets
 
     datasets.disable_progress_bars()  # save_to_disk's bars would only clutter the step's log file

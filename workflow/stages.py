@@ -42,7 +42,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def code_deps(step: str) -> list[str]:
-    """Every file of `workflow/` that `python -m workflow.<step>` can run: its module's import closure."""
+    """Every file of `workflow/` that `python -m workflow.<step>` can run: its module's import closure, less
+    this file (steps import it for the DAG's names and checks; editing the table reruns nothing by itself)."""
     todo, seen = _module_files(f"workflow.{step}"), set()
     while todo:
         path = todo.pop()
@@ -53,6 +54,7 @@ def code_deps(step: str) -> list[str]:
             todo += [f for f in _module_files(name) if f not in seen]
         if path.name != "__init__.py" and (path.parent / "__init__.py").is_file() and path.parent != PACKAGE:
             todo.append(path.parent / "__init__.py")  # importing a submodule runs its package's __init__
+    seen.discard(PACKAGE / "stages.py")  # the DAG's own definition (like the Snakefile), not a computation
     return sorted(p.relative_to(PACKAGE.parent).as_posix() for p in seen)
 
 
@@ -79,6 +81,7 @@ class Stage:
     metrics: tuple[str, ...] = ()
     plots: tuple[tuple[str, str, str], ...] = ()
     inputs_extra: tuple[str, ...] = ()  # inputs that are no option of the command (report: metric dirs)
+    reads_data: bool = False  # depends on params' data.source (a file or dir; builtin:tasks is code + params)
 
     def command(self, **wildcards: str) -> str:
         """The step's command line; wildcards left as {model} etc. when not given."""
@@ -108,7 +111,13 @@ STAGES: dict[str, Stage] = {s.step: s for s in (
           (("--model-dir", "results/models/{model}"), ("--out", "results/data/{model}"),
            ("--report", "results/metrics/data/{model}.json")), ("--model-dir",),
           outs=("results/data/{model}",), metrics=("results/metrics/data/{model}.json",),
-          params=("seed", "models.{model}", "data")),
+          params=("seed", "models.{model}", "data"), reads_data=True),
+    Stage("estimate", "variant",
+          (("--model-dir", "results/models/{model}"), ("--data-report", "results/metrics/data/{model}.json"),
+           ("--out", f"results/metrics/estimate/{VARIANT}.json")), ("--model-dir", "--data-report"),
+          outs=(), metrics=(f"results/metrics/estimate/{VARIANT}.json",),
+          # every precision's and strategy's settings: a variant that does not fit is told which change would
+          params=("models.{model}", "data", "lora", "train", "variants", "strategies", "distributed.gpu_memory_gb")),
     Stage("train", "variant",
           (("--model-dir", "results/models/{model}"), ("--data", "results/data/{model}"),
            ("--out", f"results/adapters/{VARIANT}"), ("--metrics", f"results/metrics/train/{VARIANT}.json"),
@@ -118,7 +127,8 @@ STAGES: dict[str, Stage] = {s.step: s for s in (
           metrics=(f"results/metrics/train/{VARIANT}.json", f"results/metrics/timing/{VARIANT}.json",
                    f"{_LIVE}/metrics.json"),
           plots=tuple((f"{_LIVE}/plots/metrics/train/{k}.tsv", "step", k) for k in LIVE_KEYS),
-          params=("seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}")),
+          params=("seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}"),
+          inputs_extra=(f"results/metrics/estimate/{VARIANT}.json",)),  # refused there if it cannot fit
     Stage("merge", "variant",
           (("--model-dir", "results/models/{model}"), ("--adapter", f"results/adapters/{VARIANT}"),
            ("--data", "results/data/{model}"), ("--out", f"results/merged/{VARIANT}"),
@@ -138,7 +148,7 @@ STAGES: dict[str, Stage] = {s.step: s for s in (
     Stage("report", "",
           (("--metrics-dir", "results/metrics"), ("--curves-dir", "results/plots/loss"),
            ("--out", "results/report")), (),
-          inputs_extra=("results/metrics/train", "results/metrics/timing", "results/metrics/merge",
+          inputs_extra=("results/metrics/estimate", "results/metrics/train", "results/metrics/timing", "results/metrics/merge",
                         "results/metrics/eval", "results/metrics/eval_timing", "results/plots/loss"),
           outs=tuple(f"results/report/{f}" for f in ("summary.md", "summary.csv", "loss_curves.png",
                                                      "memory_vs_eval_loss.png", "tokens_per_s.png")),
@@ -164,6 +174,22 @@ def param_values(raw: dict, step: str, **wildcards: str) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         values[key] = node
     return json.dumps(values, sort_keys=True)
+
+
+def data_source(raw: dict) -> str | None:
+    """The path `data.source` names, as params.yaml spells it; None for a builtin source (its generator is
+    code the step imports, its size and seed are params)."""
+    source = (raw.get("data") or {}).get("source")
+    return None if not isinstance(source, str) or source.startswith("builtin:") else source
+
+
+def data_files(raw: dict) -> list[str]:
+    """Snakemake's inputs for the data source: the file, or every file of a `datasets` directory."""
+    source = data_source(raw)
+    if source is None:
+        return []
+    path = Path(source)
+    return sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [source]
 
 
 def gpu_limit(params, variants: list[dict[str, str]], limit: object) -> None:
@@ -193,7 +219,8 @@ DVC_YAML = Path("dvc.yaml")
 _HEADER = """\
 # GENERATED from the stage table in workflow/stages.py: edit that, then run `python -m workflow.stages --write`
 # (tests/test_workflow.py fails while this file is out of date). The matrix is read from params.yaml at
-# `dvc repro` time, so editing the matrix there needs no regeneration.
+# `dvc repro` time, so editing the matrix there needs no regeneration; a file or dir data.source is written in
+# as the preprocess stage's dependency (both orchestrators refuse to run while this file is stale).
 # The same DAG as the Snakefile: each stage runs the same `python -m workflow.<step>` command as its rule.
 # Outputs are not cached (cache: false): models and adapters are rebuilt from params, and DVC never rewrites
 # their timestamps, so Snakemake sees the same finished work after `dvc repro` (see README).
@@ -222,7 +249,7 @@ def _wrap(parts: list[str], first: str, indent: str, width: int = 118) -> list[s
     return lines + [line]
 
 
-def _stage_yaml(stage: Stage, name: str) -> list[str]:
+def _stage_yaml(stage: Stage, name: str, raw: dict) -> list[str]:
     item = lambda path: path.format(**_ITEM)  # noqa: E731
     out = [f"  {name}:" + (f" &{name}" if stage.over == "variant" else "")]
     if stage.over:
@@ -232,6 +259,8 @@ def _stage_yaml(stage: Stage, name: str) -> list[str]:
     out += _wrap(stage.command_parts(**_ITEM), "    cmd: ", "      ")
     out.append("    deps:")
     out += [f"      - {f}" for f in CODE[stage.step]] + [f"      - {item(p)}" for p in stage.deps()]
+    if stage.reads_data and data_source(raw):
+        out.append(f"      - {json.dumps(data_source(raw))}  # data.source (DVC hashes a file or a whole dir)")
     out.append("    params:")
     out += [f"      - {item(k)}" for k in stage.params]
     for section, paths in (("outs", stage.outs), ("metrics", stage.metrics)):
@@ -246,8 +275,17 @@ def _stage_yaml(stage: Stage, name: str) -> list[str]:
     return out
 
 
-def dvc_yaml() -> str:
-    """dvc.yaml's text: a stage per step (variant steps over `matrix`, and again over `matrix_zero`)."""
+def _params_yaml() -> dict:
+    import yaml
+
+    path = Path("params.yaml")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.is_file() else {}
+
+
+def dvc_yaml(raw: dict | None = None) -> str:
+    """dvc.yaml's text for params `raw` (default: ./params.yaml, whose data.source is a dependency): a stage
+    per step (variant steps over `matrix`, and again over `matrix_zero`)."""
+    raw = _params_yaml() if raw is None else raw
     lines = [_HEADER, "stages:"]
     for stage in STAGES.values():
         if stage.step == "report":
@@ -263,9 +301,17 @@ def dvc_yaml() -> str:
                     else:
                         lines.append("    matrix: *zero")
                     lines.append("")
-        lines += _stage_yaml(stage, stage.step) + [""]
+        lines += _stage_yaml(stage, stage.step, raw) + [""]
     plots = [f"  - {p}" for p in STAGES["report"].outs if p.endswith(".png")]
     return "\n".join(lines) + "\n" + _TOP_PLOTS + "\n".join(plots) + "\n"
+
+
+STALE = "dvc.yaml is out of date with workflow/stages.py or params.yaml's data.source; run `python -m workflow.stages --write`"
+
+
+def dvc_yaml_is_current(raw: dict | None = None) -> bool:
+    """Whether ./dvc.yaml is what the stage table makes of `raw` (True where there is no dvc.yaml)."""
+    return not DVC_YAML.is_file() or DVC_YAML.read_text(encoding="utf-8") == dvc_yaml(raw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,10 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         DVC_YAML.write_text(text, encoding="utf-8")
         return 0
-    current = DVC_YAML.read_text(encoding="utf-8") if DVC_YAML.is_file() else ""
-    if current != text:
-        print("error: dvc.yaml is out of date with workflow/stages.py; run `python -m workflow.stages --write`",
-              file=sys.stderr)
+    if not DVC_YAML.is_file() or DVC_YAML.read_text(encoding="utf-8") != text:
+        print(f"error: {STALE}", file=sys.stderr)
         return 1
     return 0
 

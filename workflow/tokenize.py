@@ -12,6 +12,7 @@ import contextlib
 import gc
 from collections.abc import Sequence
 
+from workflow.errors import ParamsError
 from workflow.remote import own_code
 from workflow.templates import BOS, EOS, Template, get_template, render_part, user_fields
 
@@ -33,7 +34,7 @@ def special_ids(tokenizer, template: Template) -> dict[str, int]:
                 tokenizer.convert_ids_to_tokens(token_id) == name
         if not found:
             what = f"{name} token" if name in (EOS, BOS) else f"single token {name!r}"
-            raise ValueError(
+            raise ParamsError(
                 f"tokenizer {tokenizer.name_or_path!r} has no {what}, which template '{template.name}' "
                 "needs; pick the model's own template in models.<key>.template"
             )
@@ -48,7 +49,8 @@ def prepare_tokenizer(tokenizer, template: Template):
         special_ids(tokenizer, template)  # fails clearly if the template's pad is not a token of this vocab
     elif tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
+            raise ParamsError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token; pick a "
+                              "template with a pad token in models.<key>.template")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # left padding kept the seeds' loss from converging (fp16 NaN)
     return tokenizer
@@ -102,6 +104,19 @@ def conversation_parts(row: dict, template: Template, last_turn_only: bool = Fal
         plan += [(p, None, trained) for p in stop]
         label_next = trained and template.label_next_role
     return plan
+
+
+def render_conversation(row: dict, template: Template) -> tuple[str, str]:
+    """(prompt, whole conversation) as the template lays them out, special tokens written by name: what two
+    rows are compared by (equal text, equal training example, whatever the tokenizer)."""
+    text = []
+    prompt = ""
+    for part, fields, _ in conversation_parts(row, template):
+        if part is None:
+            prompt = "".join(text)
+        else:
+            text.append(part.special if part.special is not None else render_part(part, fields or {}))
+    return prompt, "".join(text)
 
 
 def encode(rows: Sequence[dict], tokenizer, template: Template, last_turn_only: bool = False):

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from workflow import cli, distributed
+from workflow.batching import (GroupedSampler, PackedCollator, PaddedCollator, example_lengths,
+                               use_packed_attention)
 from workflow.checkpoints import CHECKPOINT_ROOT, COMPLETE, inputs_digest, resume_point, variant_fingerprint
 from workflow.io import atomic_dir, read_json, write_json_atomic
 from workflow.modeling import (linear_weight_bits, load_base, load_tokenizer, numel, peak_memory,
@@ -100,11 +102,16 @@ class CheckpointingTrainer(Trainer):
     and mean loss the same numbers as an unbroken run's.
     """
 
-    def __init__(self, *args, fingerprint: str, resume_from: Path | None = None, **kwargs):
+    def __init__(self, *args, fingerprint: str, resume_from: Path | None = None,
+                 sampler: GroupedSampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fingerprint = fingerprint
+        self.sampler = sampler  # None: the Trainer's own (random) sampler
         if resume_from is not None:
             self.add_callback(_RestoreLossAccumulators(self, read_json(resume_from / COMPLETE)))
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.sampler or super()._get_train_sampler(train_dataset)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -229,7 +236,8 @@ def train_variant(
         data_seed=params.seed,
         remove_unused_columns=False,  # MODEL_COLUMNS are exactly what the model takes (seeds 000 §3.10)
         report_to="none",
-        include_num_input_tokens_seen="non_padding",  # kept in the checkpoints' trainer state
+        # kept in the checkpoints' trainer state; packed rows have no pad but no attention_mask to count by either
+        include_num_input_tokens_seen="all" if targs.packing else "non_padding",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -246,9 +254,16 @@ def train_variant(
     trainable = sum(numel(p) for p in lora_model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in lora_model.parameters())
 
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if targs.packing:
+        log.info("packing: attention %s keeps the examples of a row apart", use_packed_attention(base))
+    collator = PackedCollator() if targs.packing else PaddedCollator(tokenizer)
+    sampler = None
+    if targs.group_by_length:
+        sampler = GroupedSampler(example_lengths(train_ds), args.train_batch_size * args.gradient_accumulation_steps,
+                                 params.seed)
     callbacks = [LogCallback()] + ([LiveCallback(live_dir)] if live_dir is not None and rank == 0 else [])
     trainer = CheckpointingTrainer(model=lora_model, args=args, train_dataset=train_ds, data_collator=collator,
+                                   sampler=sampler,
                                    callbacks=callbacks, fingerprint=fingerprint, resume_from=start)
     trainer.remove_callback(PrinterCallback)
     tokens_before = read_json(start / "trainer_state.json")["num_input_tokens_seen"] if start else 0
@@ -280,6 +295,7 @@ def train_variant(
         **linear_bits,
         "trainable_params": trainable,
         "total_params": total,
+        **optimizer_record(trainer),
     }
     timing = {
         "variant": vid,
@@ -287,12 +303,46 @@ def train_variant(
         "made": provenance(plan.device),  # where, when, with what; the run id of the invocation that ran it
         "runtime_s": runtime,
         "tokens_per_s": (tokens - tokens_before) / runtime if runtime else None,  # non-pad tokens, this call's
+        "padding_efficiency": padding_efficiency(trainer, collator),  # real / padded tokens, this call's batches
         "samples_per_s": output.metrics.get("train_samples_per_second"),
         "resumed_from": start.name if start else None,  # throughput then covers only the resumed part
         "processes": world,
         **peak_memory(plan.device),  # of rank 0's process
     }
     return TrainResult(metrics=metrics, timing=timing, loss_curve=curve, model=lora_model, rank=rank)
+
+
+def optimizer_record(trainer: Trainer) -> dict:
+    """What stepped the weights: the optimizer's class (and whether it pages its states: paged_adamw_32bit)
+    and the fp16 loss scaler with its final scale (`loss_scaler` None: no loss scaling, as for bf16 or on a
+    CPU, where fp16 AMP does not run). For the GPU acceptance run (scripts/gpu_check.py)."""
+    opt = trainer.optimizer
+    for _ in range(3):  # accelerate's wrapper, DeepSpeed's ZeRO optimizer: down to the one the Trainer made
+        opt = getattr(opt, "optimizer", opt)
+    scaler, by = getattr(trainer.accelerator, "scaler", None), None
+    if scaler is not None and scaler.is_enabled():
+        by, scale = f"{type(scaler).__module__}.{type(scaler).__qualname__}", float(scaler.get_scale())
+    elif trainer.is_deepspeed_enabled and trainer.args.fp16:  # DeepSpeed scales fp16 losses itself
+        engine_opt = getattr(trainer.model_wrapped, "optimizer", None)
+        scale = getattr(engine_opt, "loss_scale", None)
+        by = f"deepspeed:{type(engine_opt).__qualname__}" if isinstance(scale, (int, float)) else None
+    return {
+        "optimizer": f"{type(opt).__module__}.{type(opt).__qualname__}" if opt is not None else None,
+        "optimizer_paged": bool(getattr(opt, "is_paged", False)),
+        "loss_scaler": {"by": by, "scale": float(scale)} if by else None,
+    }
+
+
+def padding_efficiency(trainer: Trainer, collator) -> float | None:
+    """Real tokens / tokens of the batches the collator built in this call, summed over all ranks (a
+    collective under ZeRO: every rank calls it)."""
+    import torch
+
+    counts = torch.tensor([collator.real, collator.slots], dtype=torch.float64, device=trainer.args.device)
+    if trainer.args.world_size > 1:
+        counts = trainer.accelerator.reduce(counts, reduction="sum")
+    real, slots = counts.tolist()
+    return real / slots if slots else None
 
 
 def save_distributed(trainer: Trainer, lora_model, out: Path, ds_config: dict, rank: int) -> None:
