@@ -27,7 +27,6 @@ rule train:
         code=CODE["train"],
         model=rules.download.output.model,
         data=rules.preprocess.output.data,
-        estimate=rules.estimate.output.estimate,  # a variant predicted not to fit is refused before training
     output:
         adapter=directory("results/adapters/{model}-{precision}-{strategy}"),
         metrics="results/metrics/train/{model}-{precision}-{strategy}.json",

@@ -8,13 +8,14 @@ prints tokens/s (non-pad tokens / train runtime), padding efficiency (measured i
 whole epoch of the same sampler and collator: a few steps of grouping see only the longest batches, which
 come first), wall time, peak memory, the final and mean training loss, and the ratios to random batching.
 
-    python scripts/bench_train.py [--steps 6] [--precision bf16|fp32|...] [--modes random grouped packed]
+    python scripts/bench_train.py [--steps 6] [--repeats 1] [--precision bf16|fp32|...] [--modes ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,12 @@ def epoch_efficiency(params, data_dir: Path, model_dir: Path) -> float:
     import torch
     from datasets import load_from_disk
 
-    from workflow.batching import GroupedSampler, PackedCollator, PaddedCollator, example_lengths
+    from workflow.batching import (
+        GroupedSampler,
+        PackedCollator,
+        PaddedCollator,
+        example_lengths,
+    )
     from workflow.tokenize import load_tokenizer
 
     targs = params.train
@@ -144,6 +150,7 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["fp16", "bf16", "int8", "nf4", "fp32"],
                     help="a project precision, or fp32 (bench only: fp32 weights, no autocast)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="off by default, as in issue 14")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of all modes; prints each mode's median")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -155,17 +162,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         work = Path(tmp)
         build(work, args.rows, args.max_length, 0)
-        results = {}
-        for mode in args.modes:
-            cmd = [sys.executable, __file__, "--worker", mode, "--work", str(work)] + [
-                a for k, v in vars(args).items() if k not in ("worker", "work", "modes") and v is not False
-                for a in (f"--{k.replace('_', '-')}", *([] if v is True else [str(v)]))]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                 env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-            if out.returncode:
-                sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = {mode: [] for mode in args.modes}
+        for _ in range(args.repeats):  # rounds of every mode: a machine's changing load hits all of them
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--worker", mode, "--work", str(work)] + [
+                    a for k, v in vars(args).items() if k not in ("worker", "work", "modes") and v is not False
+                    for a in (f"--{k.replace('_', '-')}", *([] if v is True else [str(v)]))]
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if out.returncode:
+                    sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    # Each mode's median run by tokens/s (the losses are the same in every run of a mode).
+    results = {mode: sorted(r, key=lambda x: x["tokens_per_s"])[len(r) // 2] for mode, r in runs.items()}
     first = next(iter(results.values()))
+    spread = {m: [round(x["tokens_per_s"]) for x in r] for m, r in runs.items()}
     print(f"{first['params_m']:.1f}M-param Llama (random weights), builtin tokenizer, {args.rows} alpaca_data_zh-like "
           f"rows, max_length {args.max_length}, bs {args.batch_size}, {args.steps} steps "
           f"({args.steps * args.batch_size} examples), {args.precision}, LoRA r8 all-linear, gradient checkpointing "
@@ -179,6 +190,8 @@ def main() -> None:
         print(f"{mode:8s} {r['tokens_per_s']:9.0f} {r['padding_efficiency']:8.3f} {r['epoch_efficiency']:9.3f} "
               f"{r['train_s']:8.1f} {r['wall_s']:7.1f} {r['peak_mb']:8.0f} {r['loss_last']:9.4f} "
               f"{r['loss_mean']:9.4f} {r['tokens']:7d} | {ratio}")
+    if args.repeats > 1:
+        print(f"median of {args.repeats} rounds; tokens/s of every run: {spread}")
     print(f"({time.perf_counter() - start:.0f} s in all)")
 
 

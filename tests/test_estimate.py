@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import ROOT, params_with
 from workflow import cli, estimate
-from workflow.errors import StepError
+from workflow.errors import ParamsError, StepError
 from workflow.modeling import load_base
 from workflow.params import PRECISIONS, load_params
 from workflow.precision import resolve_precision
@@ -300,7 +300,8 @@ def test_fits_names_what_does_not_fit_and_the_cheapest_change(tmp_path):
     ckpt = estimate.estimate_variant(seed_params(tmp_path / "ckpt", gradient_checkpointing=True), "llama2_7b",
                                      "fp16", "single", LLAMA2_7B, SEED_REPORT)
     budget = (ckpt["total_gb"] + est["total_gb"]) / 2  # checkpointing fits, nothing cheaper does
-    message = estimate.fits(json.loads(json.dumps(est)), budget)  # also from the JSON file's contents
+    assert estimate.fits(est, budget).endswith(" GB")  # without params: what does not fit, no alternatives
+    message = estimate.fits(json.loads(json.dumps(est)), budget, params)  # also from the JSON file's contents
     assert message.startswith(f"llama2_7b-fp16-single: predicted {est['total_gb']:.1f} GB per GPU")
     named = message.split("what does not fit: ")[1].split(" GB;")[0].split(", ")
     filled = [k for k in estimate.FILL_ORDER if est["parts_bytes"].get(k, 0) >= 0.01 * estimate.GB]
@@ -308,7 +309,7 @@ def test_fits_names_what_does_not_fit_and_the_cheapest_change(tmp_path):
     used = sum(v for k, v in est["parts_bytes"].items() if k not in [x.split()[0] for x in named])
     assert used <= budget * estimate.GB < used + est["parts_bytes"][named[0].split()[0]]
     assert f"cheapest change that fits: train.gradient_checkpointing: true ({ckpt['total_gb']:.1f} GB)" in message
-    assert "use a larger GPU" in estimate.fits(est, 1.0)  # below the CUDA context alone
+    assert "use a larger GPU" in estimate.fits(est, 1.0, params)  # below the CUDA context alone
 
 
 def test_stale_report_and_unknown_optimizer_are_refused(tiny_dir, tmp_path):
@@ -335,3 +336,27 @@ def test_cli_writes_the_estimate_and_refuses_what_does_not_fit(tiny_dir, tmp_pat
     assert cli.run(estimate.main, ["--params", str(small), *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "distributed.gpu_memory_gb" in err and "cuda_context 1.50" in err
+
+
+def test_train_refuses_what_does_not_fit_before_loading_weights(builtin_model_dir, tiny_data_dir, tmp_path,
+                                                                 monkeypatch):
+    """The train step checks the same budget itself (the DAGs do not order it after the estimate step)."""
+    from datasets import load_from_disk
+
+    from workflow import trainer
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the budget check")
+
+    monkeypatch.setattr(trainer, "load_base", no_load)
+    params = load_params(params_with(tmp_path, distributed={"gpu_memory_gb": 0.5}))
+    with pytest.raises(ParamsError, match=r"distributed.gpu_memory_gb: tiny-bf16-single: predicted 1\.[0-9] GB "
+                                          r"per GPU.*cuda_context 1\.50"):
+        trainer.train_variant(params, "tiny", "bf16", "single", builtin_model_dir, tiny_data_dir, tmp_path / "a")
+    longest = max(len(x) for x in load_from_disk(str(tiny_data_dir / "train"))["input_ids"])
+    est = estimate.estimate_variant(params, "tiny", "bf16", "single", builtin_model_dir, seq_len=longest)
+    assert estimate.budget_refusal(params, "tiny", "bf16", "single", builtin_model_dir, longest) == \
+        f"distributed.gpu_memory_gb: {estimate.fits(est, 0.5, params)}"
+    (tmp_path / "roomy").mkdir()
+    roomy = load_params(params_with(tmp_path / "roomy", distributed={"gpu_memory_gb": est["total_gb"] + 0.1}))
+    assert estimate.budget_refusal(roomy, "tiny", "bf16", "single", builtin_model_dir, longest) is None

@@ -6,12 +6,24 @@ import torch
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tests.conftest import params_with
 from workflow import train as train_step
-from workflow.batching import (PER_EXAMPLE_SDPA, GroupedSampler, PackedCollator, PaddedCollator,
-                               example_lengths, use_packed_attention)
+from workflow.batching import (
+    PER_EXAMPLE_SDPA,
+    GroupedSampler,
+    PackedCollator,
+    PaddedCollator,
+    example_lengths,
+    use_packed_attention,
+)
 from workflow.checkpoints import variant_fingerprint
 from workflow.errors import ParamsError
 from workflow.params import load_params

@@ -108,6 +108,9 @@ def test_code_deps_are_each_steps_import_closure():
     assert {"workflow/convert/__init__.py", "workflow/convert/chatglm.py"} <= set(CODE["download"])
     assert "workflow/builtin.py" in CODE["download"]  # imported inside download_model only
     assert not {"workflow/trainer.py", "workflow/convert/shards.py"} & set(CODE["report"])
+    # A guard's edit reruns its own step only: the trainer imports the estimate to refuse, not to compute.
+    assert "workflow/estimate.py" in CODE["estimate"] and "workflow/estimate.py" not in CODE["train"]
+    assert "workflow/precision.py" in CODE["train"] and "workflow/stages.py" not in CODE["train"]
 
 
 def test_snakefile_parse_imports_no_torch():
@@ -252,7 +255,8 @@ def test_snakemake_html_report_includes_the_plots(smk_repo):
 def test_snakemake_reruns_only_the_changed_variant(smk_repo):
     params_with(smk_repo, smk_repo / "params.yaml", variants={"int8": {"learning_rate": 0.001}})
     try:
-        assert dry_jobs(smk_repo) == ["evaluate"] * 2 + ["merge"] * 2 + ["report"] + ["train"] * 2  # single, zero2
+        assert dry_jobs(smk_repo) == (["estimate"] * 2 + ["evaluate"] * 2 + ["merge"] * 2 + ["report"]
+                                      + ["train"] * 2)  # single, zero2
         out = sh(["snakemake", "-n", "--cores", "1"], smk_repo).stdout
         assert set(re.findall(r"wildcards: .*precision=(\w+)", out)) == {"int8"}
     finally:
@@ -296,8 +300,8 @@ def test_dvc_reruns_only_the_changed_variant_and_diffs_metrics(dvc_repo):
     params_with(dvc_repo, dvc_repo / "params.yaml", variants={"bf16": {"learning_rate": 0.001}})  # bf16's single and zero2 variants
     out = sh(["dvc", "repro"], dvc_repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {f"{step}@tiny-bf16-{s}" for step in ("train", "merge", "evaluate") for s in ("single", "zero2")
-                   } | {"report"}, out
+    assert ran == {f"{step}@tiny-bf16-{s}" for step in ("estimate", "train", "merge", "evaluate")
+                   for s in ("single", "zero2")} | {"report"}, out
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], dvc_repo).stdout)
     changed = {path for path, metrics in diff.items() for m in metrics.values() if m.get("diff")}
     for variant in ("tiny-bf16-single", "tiny-bf16-zero2"):
@@ -335,11 +339,11 @@ def test_a_data_edit_reruns_its_branch_in_both_tools(tmp_path):
     assert dep["md5"] and dep["size"] == data.stat().st_size
     assert dry_jobs(repo) == []
     data.write_text(data.read_text(encoding="utf-8").replace('"output": "', '"output": "x', 1), encoding="utf-8")
-    assert dry_jobs(repo) == ["evaluate", "merge", "preprocess", "report", "train"]
+    assert dry_jobs(repo) == ["estimate", "evaluate", "merge", "preprocess", "report", "train"]
     out = sh(["dvc", "repro"], repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"preprocess@tiny", "train@tiny-bf16-single", "merge@tiny-bf16-single",
-                   "evaluate@tiny-bf16-single", "report"}, out
+    assert ran == {"preprocess@tiny", "estimate@tiny-bf16-single", "train@tiny-bf16-single",
+                   "merge@tiny-bf16-single", "evaluate@tiny-bf16-single", "report"}, out
     params_with(repo, repo / "params.yaml", data={"source": "data/other.jsonl"})  # dvc.yaml not regenerated
     proc = sh(["snakemake", "-n", "--cores", "1"], repo, check=False)
     said = proc.stdout + proc.stderr

@@ -9,7 +9,7 @@ does that for:
   when the batch has no attention_mask and the model no KV cache (the train step sets use_cache=False);
   the mask covers the whole row, so its cost grows with the row's length squared (on this 2-core CPU a row
   of 8 alpaca examples took 7x the attention time of the padded batch). For `sdpa` the train step therefore
-  switches to `PER_EXAMPLE_SDPA`: the same sdpa kernel called on each example alone. `flex_attention`
+  switches to `PER_EXAMPLE_SDPA`: the same sdpa kernel on the examples side by side. `flex_attention`
   isolates on CPU too (tested) but has no backward there (torch 2.13), so it trains only on CUDA.
 - `flash_attention_2/3/4` (CUDA): varlen kernels fed the `cu_seq_lens_*` boundaries the collator returns.
 
@@ -23,7 +23,10 @@ from transformers import DataCollatorForSeq2Seq
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_pt_utils import (
+    LengthGroupedSampler,
+    get_length_grouped_indices,
+)
 
 from workflow.errors import ParamsError
 
@@ -92,16 +95,36 @@ class PackedCollator(_Counting):
 
 
 def per_example_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """transformers' sdpa attention run on each packed example separately (boundaries: `cu_seq_lens_q`):
-    causal within an example, nothing across, no compute between examples. Without boundaries: plain sdpa."""
+    """transformers' sdpa attention on each packed example alone (boundaries: `cu_seq_lens_q`): causal
+    within an example, nothing across. Without boundaries: plain sdpa.
+
+    The examples are laid side by side for the attention alone, right-padded to the longest: (examples,
+    heads, longest, head_dim), one causal sdpa call. Causality keeps the padding out of every real query
+    (padding comes after it), so no mask is needed, and the rows are then gathered back. The attention costs
+    what a padded batch's does, the rest of the model runs on the packed tokens only."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
-    lengths = cu_seq_lens_q.diff().tolist()
-    parts = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]  # (1, length, heads, head_dim)
-             for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
-    return torch.cat(parts, dim=1), None
+    gather, keep, examples, longest = _side_by_side(cu_seq_lens_q.to(query.device))
+
+    def spread(x):  # (1, heads, tokens, dim) -> (examples, heads, longest, dim)
+        return x[0].index_select(1, gather).unflatten(1, (examples, longest)).transpose(0, 1)
+
+    out = sdpa_attention_forward(module, spread(query), spread(key), spread(value), None, **kwargs)[0]
+    return out.flatten(0, 1).index_select(0, keep).unsqueeze(0), None  # (1, tokens, heads, dim)
+
+
+def _side_by_side(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """For examples at the boundaries `cu` of a packed row: the row position each slot of the padded layout
+    (examples x longest) reads (padding repeats the example's last token, masked out by causality), the slots
+    of the real tokens in row order, the number of examples and the longest."""
+    starts, lengths = cu[:-1].long(), cu.diff().long()
+    examples, longest = lengths.numel(), int(lengths.max())
+    j = torch.arange(longest, device=cu.device)
+    gather = (starts[:, None] + torch.minimum(j[None], lengths[:, None] - 1)).flatten()
+    slots = torch.arange(examples * longest, device=cu.device).view(examples, longest)
+    return gather, slots[j[None] < lengths[:, None]], examples, longest
 
 
 ALL_ATTENTION_FUNCTIONS.register(PER_EXAMPLE_SDPA, per_example_sdpa)

@@ -70,7 +70,7 @@ from pathlib import Path
 from workflow import cli
 from workflow.errors import ParamsError, StepError
 from workflow.io import read_json, write_json_atomic
-from workflow.params import PRECISIONS, ZERO_STAGES, Params, variant_id
+from workflow.params import ZERO_STAGES, Params, variant_id
 
 log = logging.getLogger("workflow.estimate")
 
@@ -605,12 +605,7 @@ def estimate_variant(params: Params, model: str, precision: str, strategy: str, 
                              strategy=strategy, quant_storage=params.strategy(strategy).nf4_quant_storage)
     out = {"variant": variant_id(model, precision, strategy), "model": model, "precision": precision,
            "strategy": strategy, **estimate(config, plan, setup)}
-    out["inputs"] = {  # for `fits`: the config and each alternative's settings
-        "config": config.to_dict(), "device": device,
-        "optim": {p: params.variant_train(p).optim for p in PRECISIONS},
-        "strategies": {s: params.strategy(s).model_dump() for s in ZERO_STAGES},
-        "quant_storage": {s: params.strategy(s).nf4_quant_storage for s in ("single", *ZERO_STAGES)},
-    }
+    out["inputs"] = {"config": config.to_dict(), "device": device}  # for `fits` to re-estimate alternatives
     return out
 
 
@@ -621,19 +616,18 @@ FILL_ORDER = ("cuda_context", "weights_quantized", "weights_quant_constants", "w
 SMALLER = {"fp16": ("int8", "nf4"), "bf16": ("int8", "nf4"), "int8": ("nf4",), "nf4": ()}  # by weight bytes
 
 
-def _alternatives(est: dict):
+def _alternatives(est: dict, params: Params):
     """(what to change, its estimate) for the changes `fits` tries, cheapest first: gradient checkpointing
     (slower, same training), a smaller micro batch with more accumulation (slower, same effective batch),
     both, a smaller precision (other numerics), then ZeRO over more GPUs (more hardware)."""
-    from workflow.params import Strategy
     from workflow.precision import resolve_precision
 
     setup, inputs = Setup(**{**est["setup"], "lora_targets": _targets(est["setup"]["lora_targets"])}), est["inputs"]
 
     def run(precision: str, **changes) -> dict:
         s = replace(setup, **changes)
-        plan = resolve_precision(precision, inputs["device"], optim=inputs["optim"].get(precision),
-                                 strategy=s.strategy, quant_storage=inputs["quant_storage"].get(s.strategy, "auto"))
+        plan = resolve_precision(precision, inputs["device"], optim=params.variant_train(precision).optim,
+                                 strategy=s.strategy, quant_storage=params.strategy(s.strategy).nf4_quant_storage)
         return estimate(inputs["config"], plan, s)
 
     p, b, acc = est["precision"], setup.batch_size, setup.accumulation
@@ -655,7 +649,7 @@ def _alternatives(est: dict):
     for strategy in ("zero2", "zero3"):
         if strategy == setup.strategy or (p == "int8" and strategy == "zero3"):
             continue
-        s = Strategy(**inputs["strategies"][strategy])
+        s = params.strategy(strategy)
         world = s.gpus * (s.nodes if isinstance(s.nodes, int) else 1)
         if world < 2:
             continue
@@ -670,10 +664,11 @@ def _targets(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def fits(estimate: dict, gpu_memory_gb: float) -> str | None:
+def fits(estimate: dict, gpu_memory_gb: float, params: Params | None = None) -> str | None:
     """None when `estimate` (estimate_variant's, or its JSON file's) fits in `gpu_memory_gb` per GPU; else
-    one line: the total, the parts that no longer fit (filling memory in FILL_ORDER), and the cheapest change
-    that would fit, found by re-estimating the alternatives (`_alternatives`)."""
+    one line: the total, the parts that no longer fit (filling memory in FILL_ORDER), and, given `params`
+    (the other precisions' and strategies' settings), the cheapest change that would fit, found by
+    re-estimating the alternatives (`_alternatives`)."""
     budget = gpu_memory_gb * GB
     if estimate["total_bytes"] <= budget:
         return None
@@ -684,13 +679,26 @@ def fits(estimate: dict, gpu_memory_gb: float) -> str | None:
             over.append(f"{name} {parts[name] / GB:.2f}")
     head = (f"{estimate.get('variant', 'this variant')}: predicted {estimate['total_gb']:.1f} GB per GPU, "
             f"gpu_memory_gb is {gpu_memory_gb:g}; what does not fit: {', '.join(over)} GB")
-    if "inputs" not in estimate:  # a bare `estimate()`: nothing to re-estimate alternatives from
+    if params is None or "inputs" not in estimate:  # a bare `estimate()`: nothing to re-estimate from
         return head
-    for change, alternative in _alternatives(estimate):
+    for change, alternative in _alternatives(estimate, params):
         alt = alternative()
         if alt["total_bytes"] <= budget:
             return f"{head}; cheapest change that fits: {change} ({alt['total_gb']:.1f} GB)"
     return f"{head}; none of checkpointing, a smaller batch, a smaller precision or ZeRO fits: use a larger GPU"
+
+
+def budget_refusal(params: Params, model: str, precision: str, strategy: str, model_dir, seq_len: int) -> str | None:
+    """The train step's guard, before it loads weights: `fits` for the variant at the longest tokenized train
+    row (what the estimate step reads from the data report), planned for the GPU as the estimate step plans
+    it. None when it fits or distributed.gpu_memory_gb is null."""
+    limit = params.distributed.gpu_memory_gb
+    if limit is None:
+        return None
+    est = estimate_variant(params, model, precision, strategy, model_dir,
+                           seq_len=min(seq_len, params.data.max_length))
+    verdict = fits(est, limit, params)
+    return verdict and f"distributed.gpu_memory_gb: {verdict}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -716,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StepError as exc:
         raise StepError(f"{vid}: {exc}") from None
     limit = params.distributed.gpu_memory_gb
-    verdict = fits(est, limit) if limit is not None and args.device == "cuda" else None
+    verdict = fits(est, limit, params) if limit is not None and args.device == "cuda" else None
     est["gpu_memory_gb"], est["fits"] = limit, (verdict is None) if limit is not None else None
     write_json_atomic(args.out or Path("results/metrics/estimate") / f"{vid}.json", est)
     log.info("%s: %.2f GB per GPU predicted (%s)", vid, est["total_gb"], est["peak_phase"])

@@ -41,9 +41,15 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+# Modules a step imports to decide whether it may run, not what it computes: this file (the DAG's names and
+# checks, like the Snakefile) and the memory estimate (train's guard against a variant that cannot fit).
+# Editing one reruns nothing but its own step.
+GUARDS = frozenset({"stages.py", "estimate.py"})
+
+
 def code_deps(step: str) -> list[str]:
     """Every file of `workflow/` that `python -m workflow.<step>` can run: its module's import closure, less
-    this file (steps import it for the DAG's names and checks; editing the table reruns nothing by itself)."""
+    the GUARDS other than the step's own module."""
     todo, seen = _module_files(f"workflow.{step}"), set()
     while todo:
         path = todo.pop()
@@ -54,7 +60,8 @@ def code_deps(step: str) -> list[str]:
             todo += [f for f in _module_files(name) if f not in seen]
         if path.name != "__init__.py" and (path.parent / "__init__.py").is_file() and path.parent != PACKAGE:
             todo.append(path.parent / "__init__.py")  # importing a submodule runs its package's __init__
-    seen.discard(PACKAGE / "stages.py")  # the DAG's own definition (like the Snakefile), not a computation
+    for guard in GUARDS - {f"{step}.py"}:
+        seen.discard(PACKAGE / guard)
     return sorted(p.relative_to(PACKAGE.parent).as_posix() for p in seen)
 
 
@@ -116,8 +123,9 @@ STAGES: dict[str, Stage] = {s.step: s for s in (
           (("--model-dir", "results/models/{model}"), ("--data-report", "results/metrics/data/{model}.json"),
            ("--out", f"results/metrics/estimate/{VARIANT}.json")), ("--model-dir", "--data-report"),
           outs=(), metrics=(f"results/metrics/estimate/{VARIANT}.json",),
-          # every precision's and strategy's settings: a variant that does not fit is told which change would
-          params=("models.{model}", "data", "lora", "train", "variants", "strategies", "distributed.gpu_memory_gb")),
+          # its own variant's settings only (the alternatives a refusal names are read, not tracked)
+          params=("models.{model}", "data", "lora", "train", "variants.{precision}", "strategies.{strategy}",
+                  "distributed.gpu_memory_gb")),
     Stage("train", "variant",
           (("--model-dir", "results/models/{model}"), ("--data", "results/data/{model}"),
            ("--out", f"results/adapters/{VARIANT}"), ("--metrics", f"results/metrics/train/{VARIANT}.json"),
@@ -127,8 +135,9 @@ STAGES: dict[str, Stage] = {s.step: s for s in (
           metrics=(f"results/metrics/train/{VARIANT}.json", f"results/metrics/timing/{VARIANT}.json",
                    f"{_LIVE}/metrics.json"),
           plots=tuple((f"{_LIVE}/plots/metrics/train/{k}.tsv", "step", k) for k in LIVE_KEYS),
-          params=("seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}"),
-          inputs_extra=(f"results/metrics/estimate/{VARIANT}.json",)),  # refused there if it cannot fit
+          # distributed.gpu_memory_gb is read as a guard (workflow.estimate.budget_refusal), not tracked: a new
+          # budget changes no adapter
+          params=("seed", "models.{model}", "lora", "train", "variants.{precision}", "strategies.{strategy}")),
     Stage("merge", "variant",
           (("--model-dir", "results/models/{model}"), ("--adapter", f"results/adapters/{VARIANT}"),
            ("--data", "results/data/{model}"), ("--out", f"results/merged/{VARIANT}"),

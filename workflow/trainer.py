@@ -23,10 +23,11 @@ from workflow import cli, distributed
 from workflow.batching import (GroupedSampler, PackedCollator, PaddedCollator, example_lengths,
                                use_packed_attention)
 from workflow.checkpoints import CHECKPOINT_ROOT, COMPLETE, inputs_digest, resume_point, variant_fingerprint
+from workflow.estimate import budget_refusal
 from workflow.io import atomic_dir, read_json, write_json_atomic
 from workflow.modeling import (linear_weight_bits, load_base, load_tokenizer, numel, peak_memory,
                                weight_bytes)
-from workflow.params import ZERO_STAGES, Params, variant_id
+from workflow.params import ZERO_STAGES, Params, ParamsError, variant_id
 from workflow.precision import resolve_precision
 from workflow.provenance import device_name, provenance
 from workflow.stages import LIVE_KEYS  # the plot files both DAGs declare
@@ -199,6 +200,10 @@ def train_variant(
     except FileNotFoundError:
         raise cli.StepError(f"{data_dir}/train: no tokenized data; run the preprocess step first") from None
     train_ds = train_ds.select_columns(MODEL_COLUMNS)  # reply_start is for generation only
+    reason = budget_refusal(params, model, precision, strategy, model_dir,
+                            max(len(ids) for ids in train_ds["input_ids"]))
+    if reason:  # before the weights load (the estimate step refuses the same variant in the DAG)
+        raise ParamsError(reason)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else CHECKPOINT_ROOT / vid
     fingerprint = variant_fingerprint(params, model, precision, strategy, inputs_digest(model_dir, data_dir))
     start = resume_point(ckpt_dir, fingerprint, resume)  # before loading the model: a refusal fails fast
