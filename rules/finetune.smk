@@ -1,6 +1,27 @@
 # Phase 2: one LoRA adapter per variant, merged into the unquantized base, then evaluated.
 
 
+rule quant:
+    input:
+        code=CODE["quant"],
+        model=rules.download.output.model,
+        data=rules.preprocess.output.data,
+    output:
+        quant="results/metrics/quant/{model}.json",
+    params:
+        values=lambda w: param_values(config, "quant", model=w.model),
+    log:
+        "logs/quant/{model}.log",
+    conda:
+        "../envs/lowprec.yaml"
+    resources:
+        gpu=0 if ON_CLUSTER else 1,  # as train's: one GPU, leased (bitsandbytes quantizes on it)
+        gres="gpu:1",
+    shell:
+        "python -m workflow.quant --params params.yaml --model {wildcards.model} --model-dir {input.model}"
+        " --data {input.data} --out {output.quant} 2> {log}"
+
+
 rule estimate:
     input:
         code=CODE["estimate"],

@@ -5,6 +5,7 @@
 rule report:
     input:
         code=CODE["report"],
+        quant=expand("results/metrics/quant/{model}.json", model=sorted({v["model"] for v in VARIANTS})),
         estimate=expand("results/metrics/estimate/{id}.json", id=[v["id"] for v in VARIANTS]),
         train=expand("results/metrics/train/{id}.json", id=[v["id"] for v in VARIANTS]),
         timing=expand("results/metrics/timing/{id}.json", id=[v["id"] for v in VARIANTS]),
@@ -18,6 +19,7 @@ rule report:
         loss=report("results/report/loss_curves.png", category="Plots", caption="report/loss_curves.rst"),
         memory=report("results/report/memory_vs_eval_loss.png", category="Plots", caption="report/memory.rst"),
         speed=report("results/report/tokens_per_s.png", category="Plots", caption="report/speed.rst"),
+        quant=report("results/report/quant_error.png", category="Plots", caption="report/quant.rst"),
     params:
         values=param_values(config, "report"),
     log:

@@ -212,3 +212,45 @@ def test_evaluate_holds_one_model_at_a_time(builtin_tokenizer_dir, tmp_path):
     assert t["models_peak_over_one_model"] == pytest.approx(
         (t["peak_memory_bytes"] - t["memory_before_models_bytes"]) / t["merged_weights_bytes"], abs=1e-3)
     assert 0.8 < t["models_peak_over_one_model"] < 1.5, t  # two models at once would be >= 2
+
+
+def test_dequantized_merge_target_is_what_the_adapter_trained_against(trained, builtin_model_dir, tiny_data_dir,
+                                                                       tmp_path):
+    """merge.target dequantized merges an nf4 adapter into the NF4 round trip of the weights (exactly
+    bitsandbytes' dequantization of the layers training used); the model as trained is then closer to the
+    merged one than with the original weights, and the evaluate step reports both targets."""
+    import bitsandbytes as bnb
+
+    from workflow.modeling import load_base, load_dequantized
+
+    params, adapters, _ = trained
+    plan = resolve_precision("nf4")
+    quantized = load_base(builtin_model_dir, plan)
+    rounded = load_dequantized(builtin_model_dir, plan)
+    original = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=plan.load_dtype)
+    layers = [(n, m) for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for name, module in layers:
+        expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        assert torch.equal(rounded.get_submodule(name).weight, expected), name
+        assert not torch.equal(original.get_submodule(name).weight, expected), name
+    for name in ("model.embed_tokens", "lm_head", "model.norm"):  # never quantized: the original weights
+        assert torch.equal(rounded.get_submodule(name).weight, original.get_submodule(name).weight), name
+
+    deq = load_params(params_with(tmp_path, train={"max_steps": 30, "save_steps": 1000},
+                                  merge={"target": "dequantized"}))
+    merged = tmp_path / "merged-nf4"
+    m = merge_variant(deq, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], tiny_data_dir, merged)
+    assert m["merge_target"] == "dequantized" and m["merge_max_abs_logit_diff"] <= m["merge_tolerance"]
+    assert merge_variant(deq, "tiny", "bf16", "single", builtin_model_dir, adapters["bf16"], tiny_data_dir,
+                         tmp_path / "merged-bf16")["merge_target"] == "base"  # no round trip to merge into
+
+    ev, _, _ = evaluate_variant(deq, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], merged,
+                                tiny_data_dir)
+    assert ev["merge_target"] == "dequantized"
+    assert ev["eval_loss_merged_dequantized"] == ev["eval_loss_merged"]  # the saved merged model
+    assert ev["trained_vs_merged_max_abs_logit_diff_dequantized"] == ev["trained_vs_merged_max_abs_logit_diff"]
+    gap_base, gap_deq = (ev[f"trained_vs_merged_max_abs_logit_diff_{t}"] for t in ("base", "dequantized"))
+    assert gap_deq < 0.5 * gap_base  # the round trip removes the quantization error from the gap
+    adapter = ev["eval_loss_adapter"]
+    assert abs(ev["eval_loss_merged_dequantized"] - adapter) < abs(ev["eval_loss_merged_base"] - adapter)

@@ -240,15 +240,22 @@ def test_snakemake_end_to_end(smk_repo):
             assert float(row["mem x ref"]) == float(row["tokens/s x ref"]) == float(row["eval loss x ref"]) == 1
     assert all(r["template"] == "human_assistant" for r in rows)
     assert [r["strategy"] for r in rows] == ["single"] * 4 + ["zero2"] * 4 + ["zero3"] * 2
-    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png"):
+    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png", "quant_error.png"):
         assert (smk_repo / "results/report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for row in rows:  # both merge targets for the quantized precisions, measured
+        quantized = row["precision"] in ("int8", "nf4")
+        assert bool(row["eval loss merged dequantized"]) == quantized and row["eval loss merged base"], row
+    quant = json.loads((smk_repo / "results/metrics/quant/tiny.json").read_text())
+    assert quant["layers_quantized"] == 14 and len(quant["layers"]) == 14
+    assert "## Quantization error" in summary and "merge.target" in summary
     assert dry_jobs(smk_repo) == []
 
 
 def test_snakemake_html_report_includes_the_plots(smk_repo):
     sh(["snakemake", "--report", "report.html"], smk_repo)
     html = (smk_repo / "report.html").read_text(errors="replace")
-    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png", "summary.csv"):
+    for name in ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png", "quant_error.png",
+                 "summary.csv"):
         assert name in html, name
 
 

@@ -21,7 +21,7 @@ from workflow.params import PRECISIONS, STRATEGIES, Params, check_machine, load_
 
 log = logging.getLogger("workflow")
 _job = {"name": "this step"}  # what the step runs for (variant or model), named in out-of-resource messages
-GPU_STEPS = ("train", "merge", "evaluate")  # the steps that lease GPUs (rules with gpu=1 or more)
+GPU_STEPS = ("quant", "train", "merge", "evaluate")  # the steps that lease GPUs (rules with gpu=1 or more)
 OOM_HINT = ("lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
             "batch), set gradient_checkpointing: true, lower data.max_length, or use a smaller precision (nf4)")
 

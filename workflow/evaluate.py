@@ -2,6 +2,8 @@
 
 The base and the adapter model are loaded as trained (quantized for int8/nf4), so the numbers show what the
 precision costs; the merged model is the unquantized base with the adapter folded in, as it will be served.
+For int8/nf4 the merge target not chosen (`merge.target`) is merged here too, in memory, for its gap to the
+model as trained and its eval loss: the report shows both targets.
 Every loss is the token-weighted mean cross-entropy over the eval split's response tokens.
 
 Generation: the prompt of each eval row is its input_ids before the final reply (`reply_start`, written by
@@ -27,7 +29,7 @@ from transformers import set_seed
 
 from workflow import cli, devices
 from workflow.io import write_json_atomic, write_text_atomic
-from workflow.merge import check_adapter
+from workflow.merge import TARGETS, check_adapter, load_adapter, load_merge_base, merge_target
 from workflow.modeling import (eval_batches, load_base, load_tokenizer, load_unquantized, logits_of, peak_memory,
                                token_loss)
 from workflow.params import Generate, Params, variant_id
@@ -143,6 +145,16 @@ def evaluate_variant(
     # The QLoRA merge gap: the model as trained (quantized base + adapter) vs the merged unquantized model.
     gap = logit_gap(trained, merged, gap_batches)
     del merged
+    free_device_memory(plan.device)
+    target = merge_target(params.merge.target, plan)
+    by_target = {target: (gap, losses["merged"])}
+    if plan.quantization is not None:  # the other target, merged in memory (one model at a time still)
+        other = next(t for t in TARGETS if t != target)
+        alt = load_adapter(load_merge_base(other, model_dir, plan, entry.trust_remote_code), adapter_dir)
+        alt = alt.merge_and_unload().eval()
+        by_target[other] = (logit_gap(trained, alt, gap_batches), token_loss(alt, batches)[0])
+        del alt
+        free_device_memory(plan.device)
 
     metrics: dict[str, object] = {
         "variant": variant_id(model, precision, strategy),
@@ -151,7 +163,11 @@ def evaluate_variant(
         "max_new_tokens": params.generate.max_new_tokens,
         "trained_vs_merged_max_abs_logit_diff": gap,  # over the first evaluate.logit_gap_batches batches
         "trained_vs_merged_loss_gap": losses["merged"] - losses["adapter"],
+        "merge_target": target,
     }
+    for name, (target_gap, target_loss) in by_target.items():  # int8/nf4: both targets
+        metrics[f"trained_vs_merged_max_abs_logit_diff_{name}"] = target_gap
+        metrics[f"eval_loss_merged_{name}"] = target_loss
     for name in MODELS:
         metrics[f"eval_loss_{name}"] = losses[name]
         metrics[f"perplexity_{name}"] = math.exp(losses[name])

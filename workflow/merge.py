@@ -1,7 +1,9 @@
 """Step `merge`: fold a variant's adapter into the *unquantized* base and save sharded safetensors.
 
 Never merges into a 4-bit/8-bit model (the seeds and bitsandbytes both say it gives wrong weights): the
-base is loaded in the variant's unquantized dtype. Before saving, the merged model's logits are compared
+base is loaded in the variant's unquantized dtype. `merge.target` says which weights an int8/nf4 adapter
+goes into: the original ones (`base`) or their quantization round trip (`dequantized`, what the adapter was
+trained against; `workflow.modeling.load_dequantized`). Before saving, the merged model's logits are compared
 with base+adapter on real eval batches; a difference beyond the dtype's tolerance fails the step.
 """
 
@@ -18,9 +20,10 @@ from peft import PeftModel
 
 from workflow import cli, devices
 from workflow.io import atomic_dir, write_json_atomic
-from workflow.modeling import eval_batches, load_tokenizer, load_unquantized, logits_of, peak_memory
+from workflow.modeling import (eval_batches, load_dequantized, load_tokenizer, load_unquantized, logits_of,
+                               peak_memory)
 from workflow.params import Params, variant_id
-from workflow.precision import dtype_name, resolve_precision
+from workflow.precision import PrecisionPlan, dtype_name, resolve_precision
 
 log = logging.getLogger(__name__)
 MEMORY_FILE = "merge_memory.json"  # the step's peak memory, beside the merged weights (varies run to run, so
@@ -68,6 +71,22 @@ def load_adapter(base, adapter_dir: Path):
                             "delete it and rerun the train step for this variant") from exc
 
 
+TARGETS = ("base", "dequantized")
+
+
+def merge_target(target: str, plan: PrecisionPlan) -> str:
+    """The target actually merged into: `dequantized` only for a quantized precision (for fp16/bf16 the
+    round trip is the identity, so both are `base`)."""
+    return target if plan.quantization is not None else "base"
+
+
+def load_merge_base(target: str, model_dir: Path, plan: PrecisionPlan, trust_remote_code: bool = False):
+    """The unquantized model an adapter is merged into, for `merge_target(target, plan)`."""
+    if merge_target(target, plan) == "dequantized":
+        return load_dequantized(model_dir, plan, trust_remote_code)
+    return load_unquantized(model_dir, plan.load_dtype, plan.device, trust_remote_code)
+
+
 def merge_variant(
     params: Params, model: str, precision: str, strategy: str,
     model_dir: Path, adapter_dir: Path, data_dir: Path, out: Path,
@@ -78,7 +97,8 @@ def merge_variant(
     plan = resolve_precision(precision)
     dtype = plan.load_dtype
     tokenizer = load_tokenizer(model_dir, entry.trust_remote_code, entry.template)
-    base = load_unquantized(model_dir, dtype, plan.device, entry.trust_remote_code)
+    target = merge_target(params.merge.target, plan)
+    base = load_merge_base(target, model_dir, plan, entry.trust_remote_code)
     lora = load_adapter(base, adapter_dir).eval()
     batches = eval_batches(data_dir, tokenizer, params.evaluate.per_device_eval_batch_size)[: params.merge.check_batches]
     reference = [logits_of(lora, b) for b in batches]
@@ -104,6 +124,7 @@ def merge_variant(
     return {
         "variant": variant_id(model, precision, strategy),
         "merge_dtype": dtype_name(dtype),
+        "merge_target": target,
         "merge_max_abs_logit_diff": diff,
         "merge_tolerance": tol,
         "merge_max_abs_logit": scale,

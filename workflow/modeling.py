@@ -48,6 +48,38 @@ def load_unquantized(model_dir: str | Path, dtype: torch.dtype, device: str, tru
     return model.to(device)
 
 
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The weight a bitsandbytes layer computes with, back in floating point (bitsandbytes' own dequantize:
+    nf4 blocks x absmax, LLM.int8 rows x SCB / 127); None for any other module."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+    return None
+
+
+def load_dequantized(model_dir: str | Path, plan: PrecisionPlan, trust_remote_code: bool = False):
+    """The base in `plan.load_dtype`, its quantized layers replaced by their round trip through `plan`'s
+    quantization: the weights a k-bit adapter was trained against, unquantized (merge.target: dequantized).
+    The quantized model is loaded as training loaded it and dropped once its weights are copied over."""
+    model = load_unquantized(model_dir, plan.load_dtype, plan.device, trust_remote_code)
+    quantized = load_base(model_dir, plan, trust_remote_code)
+    copied = 0
+    for name, module in quantized.named_modules():
+        weight = dequantized_weight(module)
+        if weight is not None:
+            target = model.get_submodule(name).weight
+            target.data.copy_(weight.to(target.device, target.dtype))
+            copied += 1
+    del quantized
+    if not copied:
+        raise StepError(f"{model_dir}: precision {plan.name} quantized no layer; nothing to dequantize")
+    log.info("%s: %d layers replaced by their %s round trip", model_dir, copied, plan.name)
+    return model
+
+
 def numel(t: torch.Tensor) -> int:
     """Elements of a tensor, also when ZeRO-3 has partitioned it away from this rank (`ds_numel`)."""
     return getattr(t, "ds_numel", None) or t.numel()
@@ -58,7 +90,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(numel(t) * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _quant_state_bytes(state) -> int:
+def quant_state_bytes(state) -> int:
     """Bytes of a 4-bit weight's per-block scales: absmax (itself quantized with double quant), the nested
     absmax and offset. The fixed lookup tables (`code`: 16 or 256 floats per layer, the same for every layer
     size) are left out: they are constants, not storage that grows with the parameter count."""
@@ -85,7 +117,7 @@ def linear_weight_bits(model: torch.nn.Module) -> dict[str, object]:
         if isinstance(module, bnb.nn.Linear4bit):
             state = weight.quant_state
             n = math.prod(state.shape)
-            size = numel(weight) * weight.element_size() + _quant_state_bytes(state)
+            size = numel(weight) * weight.element_size() + quant_state_bytes(state)
             kinds.add(f"{state.quant_type}{'+double_quant' if state.nested else ''}")
         elif isinstance(module, bnb.nn.Linear8bitLt):
             n = numel(weight)

@@ -230,6 +230,9 @@ class Distributed(_Strict):
 class Merge(_Strict):
     max_shard_size: str
     check_batches: int = Field(gt=0)
+    # int8/nf4 variants: merge into the original weights (base, as the seeds do) or into their quantization
+    # round trip, the weights the adapter was trained against (dequantized). fp16/bf16: the same thing.
+    target: Literal["base", "dequantized"] = "base"
 
 
 class Evaluate(_Strict):

@@ -4,7 +4,9 @@ Writes into `--out` (results/report/):
 - `summary.csv`: one row per variant (model, template, precision, strategy) with every column below, plus the
   ratio of each variant to the bf16 row for peak memory, train tokens/s and merged eval loss;
 - `summary.md`: the same rows as three tables (resources, quality, merge) for people;
-- `loss_curves.png` (training loss of all variants), `memory_vs_eval_loss.png`, `tokens_per_s.png`.
+- `loss_curves.png` (training loss of all variants), `memory_vs_eval_loss.png`, `tokens_per_s.png`;
+- `quant_error.png`: each model's per-layer quantization error and outlier share (the quant step), also a
+  table in summary.md.
 Imports no torch; matplotlib renders off-screen (Agg).
 """
 
@@ -20,7 +22,9 @@ from workflow.io import atomic_dir, read_json
 from workflow.params import Params, variants
 from workflow.provenance import provenance
 
-PLOTS = ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png")
+PLOTS = ("loss_curves.png", "memory_vs_eval_loss.png", "tokens_per_s.png", "quant_error.png")
+FORMAT_NAMES = {"int8_tensor": "int8 absmax, per tensor", "int8_row": "int8 absmax, per row (LLM.int8)",
+                "nf4": "nf4, blocks of 64", "nf4_double_quant": "nf4 + double quant (QLoRA)"}
 
 # (column, source, key, format, table): the columns in order. Sources: the variant itself ("variant"), the
 # train/timing/merge/eval metrics files. Tables of summary.md: resources, quality, merge (the CSV has all).
@@ -65,6 +69,12 @@ COLUMNS = (
     ("merge tolerance", "merge", "merge_tolerance", "{:.2e}", "merge"),
     ("trained vs merged max |dlogit|", "eval", "trained_vs_merged_max_abs_logit_diff", "{:.2e}", "merge"),
     ("trained vs merged loss gap", "eval", "trained_vs_merged_loss_gap", "{:+.4f}", "merge"),
+    ("merge target", "eval", "merge_target", "{}", "merge"),  # merge.target as merged (base for fp16/bf16)
+    # int8/nf4: both targets (the one not chosen merged in memory by the evaluate step)
+    ("max |dlogit| base", "eval", "trained_vs_merged_max_abs_logit_diff_base", "{:.2e}", "merge"),
+    ("max |dlogit| dequantized", "eval", "trained_vs_merged_max_abs_logit_diff_dequantized", "{:.2e}", "merge"),
+    ("eval loss merged base", "eval", "eval_loss_merged_base", "{:.4f}", "merge"),
+    ("eval loss merged dequantized", "eval", "eval_loss_merged_dequantized", "{:.4f}", "merge"),
 )
 _MB = {"weight_footprint_bytes", "peak_memory_bytes"}  # shown in MB
 TABLES = {
@@ -139,17 +149,41 @@ def made_here(rows: list[dict], now: dict) -> list[str]:
     return lines + [""]
 
 
-def render(rows: list[dict], now: dict | None = None) -> tuple[str, str]:
-    """The rows as markdown (where it was made, then three tables) and as CSV (every column)."""
+def quant_reports(rows: list[dict], metrics_dir: Path) -> dict[str, dict]:
+    """The quant step's report of each model in `rows`, by model."""
+    return {m: read_json(metrics_dir / "quant" / f"{m}.json") for m in dict.fromkeys(r["model"] for r in rows)}
+
+
+def quant_table(quant: dict[str, dict]) -> list[str]:
+    """summary.md's quantization table: per model and format, bits per parameter and whole-model error."""
+    if not quant:
+        return []
+    lines = ["## Quantization error of the base's linear layers (quant step; the plot has every layer)", "",
+             "| model | format | bits/param | rel. error | layers | outlier input features |",
+             "|---|---|---|---|---|---|"]
+    for model, q in quant.items():
+        share = f"{q['outlier_share_mean']:.4f} of features (threshold {q['outlier_threshold']:g}), " \
+                f"{q['layers_with_outliers']} layers"
+        for fmt, v in q["formats"].items():
+            lines.append(f"| {model} | {FORMAT_NAMES.get(fmt, fmt)} | {v['bits_per_param']:.3f} | "
+                         f"{v['rel_error']:.4f} | {q['layers_quantized']} | {share} |")
+    return lines + [""]
+
+
+def render(rows: list[dict], now: dict | None = None, quant: dict[str, dict] | None = None) -> tuple[str, str]:
+    """The rows as markdown (where it was made, then three tables and the quantization table) and as CSV
+    (every column)."""
     fmt = {c[0]: c[3] for c in COLUMNS}
     lines = ["# Precision comparison", ""] + made_here(rows, now or provenance())
     for table, title in TABLES.items():
         head = ["variant"] + [c[0] for c in COLUMNS if c[4] == table]
-        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"## {title}", "", _md_row(head), "|" + "---|" * len(head)]
         for row in rows:
-            cells = [row["variant"]] + ["-" if row[h] is None else fmt[h].format(row[h]) for h in head[1:]]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(_md_row([row["variant"]] + ["-" if row[h] is None else fmt[h].format(row[h])
+                                                     for h in head[1:]]))
         lines.append("")
+    lines += merge_target_advice(rows)
+    lines += quant_table(quant or {})
     refs = sorted({f"{r['model']}/{r['strategy']}: {r['reference']}" for r in rows})
     lines.append(f"Ratios (x ref) divide by the reference precision's row of the same model and strategy "
                  f"(report.reference, else the group's first precision): {', '.join(refs)}. ROUGE and BLEU "
@@ -164,6 +198,28 @@ def render(rows: list[dict], now: dict | None = None) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buf.getvalue()
 
 
+def _md_row(cells: list[str]) -> str:
+    """A markdown table row; a `|` inside a cell (|dlogit|) is escaped, not a column break."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def merge_target_advice(rows: list[dict]) -> list[str]:
+    """For each int8/nf4 variant, the merge target whose merged model has the lower eval loss (what will be
+    served), with both gaps to the model as trained."""
+    lines = []
+    for r in rows:
+        base, deq = r["eval loss merged base"], r["eval loss merged dequantized"]
+        if base is None or deq is None:
+            continue
+        pick = "dequantized" if deq < base else "base"
+        lines.append(f"- {r['variant']}: merge.target {pick} (merged eval loss {min(base, deq):.4f} vs "
+                     f"{max(base, deq):.4f}; max |dlogit| to the model as trained: base "
+                     f"{r['max |dlogit| base']:.2e}, dequantized {r['max |dlogit| dequantized']:.2e})")
+    if lines:
+        lines = ["Merge target for the quantized variants (the lower merged eval loss; both measured):", ""] + lines
+    return lines + ([""] if lines else [])
+
+
 def read_curve(path: Path) -> tuple[list[int], list[float]]:
     """A loss curve CSV (step,loss) written by the train step."""
     steps, losses = [], []
@@ -173,8 +229,8 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def plot(rows: list[dict], curves_dir: Path, out: Path) -> None:
-    """The three PNGs of the report, into `out`."""
+def plot(rows: list[dict], curves_dir: Path, out: Path, quant: dict[str, dict] | None = None) -> None:
+    """The PNGs of the report (PLOTS), into `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,6 +272,24 @@ def plot(rows: list[dict], curves_dir: Path, out: Path) -> None:
     fig.savefig(out / "tokens_per_s.png", dpi=110)
     plt.close(fig)
 
+    quant = quant or {}
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, squeeze=False)
+    for model, q in quant.items():
+        x = range(len(q["layers"]))
+        for fmt in q["formats"]:
+            axes[0][0].plot(x, [r["rel_error"][fmt] for r in q["layers"]], marker=".", label=f"{model}: {fmt}")
+        axes[1][0].plot(x, [r["outlier_share"] for r in q["layers"]], marker=".", label=model)
+    axes[0][0].set(ylabel="||W - deq(q(W))|| / ||W||", yscale="log", title="Quantization error per linear layer")
+    threshold = next(iter(quant.values()))["outlier_threshold"] if quant else 6.0
+    axes[1][0].set(xlabel="linear layer (model order)", ylabel=f"share of features |x| >= {threshold:g}")
+    for ax in (axes[0][0], axes[1][0]):
+        ax.grid(alpha=0.3, which="both")
+        if quant:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quant_error.png", dpi=110)
+    plt.close(fig)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser("report", __doc__, model=False)
@@ -225,11 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     params = cli.load_checked(args)
     rows = collect(params, args.metrics_dir)
-    markdown, table = render(rows)
+    quant = quant_reports(rows, args.metrics_dir)
+    markdown, table = render(rows, quant=quant)
     with atomic_dir(args.out) as tmp:
         (tmp / "summary.md").write_text(markdown, encoding="utf-8")
         (tmp / "summary.csv").write_text(table, encoding="utf-8")
-        plot(rows, args.curves_dir, tmp)
+        plot(rows, args.curves_dir, tmp, quant)
     print(markdown, end="")
     return 0
 
