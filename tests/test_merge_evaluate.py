@@ -238,7 +238,7 @@ def test_dequantized_merge_target_is_what_the_adapter_trained_against(trained, b
         assert torch.equal(rounded.get_submodule(name).weight, original.get_submodule(name).weight), name
 
     deq = load_params(params_with(tmp_path, train={"max_steps": 30, "save_steps": 1000},
-                                  merge={"target": "dequantized"}))
+                                  merge={"target": "dequantized"}, evaluate={"max_eval_rows": 32}))
     merged = tmp_path / "merged-nf4"
     m = merge_variant(deq, "tiny", "nf4", "single", builtin_model_dir, adapters["nf4"], tiny_data_dir, merged)
     assert m["merge_target"] == "dequantized" and m["merge_max_abs_logit_diff"] <= m["merge_tolerance"]

@@ -79,6 +79,7 @@ def test_every_preset_runs_on_its_replica(path, tmp_path):
     jobs = dry_jobs(repo)  # the whole matrix plans
     assert jobs.count("train") == jobs.count("merge") == jobs.count("evaluate") == len(every) > 0
     targets = [f"results/metrics/eval/{v}.json" for v in RUN[path.stem]]
+    targets += sorted({f"results/metrics/quant/{v.split('-')[0]}.json" for v in RUN[path.stem]})
     sh(["snakemake", *targets, "--cores", "2", "--resources", "gpu=2"], repo)  # targets first: --resources takes a list
     for vid in RUN[path.stem]:
         model, precision, strategy = vid.split("-")
@@ -94,3 +95,15 @@ def test_every_preset_runs_on_its_replica(path, tmp_path):
         evaluation = json.loads((repo / f"results/metrics/eval/{vid}.json").read_text())
         assert evaluation["eval_rows"] == CUT["evaluate"]["max_eval_rows"]
         assert evaluation["eval_loss_merged"] == pytest.approx(evaluation["eval_loss_adapter"], rel=0.05)
+        # Both merge targets measured. For nf4 the round trip the adapter trained against is closer to the
+        # model as trained than the original weights are; LLM.int8 also quantizes the activations, which
+        # dominates its gap (both targets about equal).
+        gap = {t: evaluation[f"trained_vs_merged_max_abs_logit_diff_{t}"] for t in ("base", "dequantized")}
+        assert gap["dequantized"] < gap["base"] if precision == "nf4" else 0 < min(gap.values()), gap
+        print(f"merge targets {vid}: {gap}, eval loss adapter {evaluation['eval_loss_adapter']:.4f}, merged "
+              f"base {evaluation['eval_loss_merged_base']:.4f}, dequantized "
+              f"{evaluation['eval_loss_merged_dequantized']:.4f}")
+        quant = json.loads((repo / f"results/metrics/quant/{model}.json").read_text())
+        errors = {f: v["rel_error"] for f, v in quant["formats"].items()}
+        assert quant["params_quantized"] == train["linear_params"] > 0  # the layers training quantized
+        assert errors["int8_row"] <= errors["int8_tensor"] < errors["nf4"] < 0.2, errors

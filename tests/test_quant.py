@@ -10,7 +10,6 @@ import torch
 
 from tests.conftest import params_with
 from workflow import cli, quant
-from workflow.params import load_params
 from workflow.report import quant_table
 
 
@@ -65,8 +64,13 @@ def test_outlier_share_counts_features_over_the_threshold_in_real_tokens():
 
 @pytest.fixture(scope="module")
 def report(builtin_model_dir, tiny_data_dir, tmp_path_factory):
-    params = load_params(params_with(tmp_path_factory.mktemp("quant")))
-    return params, quant.quant_report(params, "tiny", builtin_model_dir, tiny_data_dir)
+    """The quant step's CLI run once on the tiny base: its JSON."""
+    tmp = tmp_path_factory.mktemp("quant")
+    out = tmp / "quant" / "tiny.json"
+    argv = ["--params", str(params_with(tmp)), "--model", "tiny", "--model-dir", str(builtin_model_dir),
+            "--data", str(tiny_data_dir), "--out", str(out)]
+    assert cli.run(quant.main, argv) == 0
+    return json.loads(out.read_text())
 
 
 def test_quant_report_on_the_tiny_base(report, builtin_model_dir):
@@ -75,7 +79,8 @@ def test_quant_report_on_the_tiny_base(report, builtin_model_dir):
     about NF4's."""
     from workflow.modeling import load_unquantized
 
-    params, r = report
+    r = report
+    assert r["model"] == "tiny" and set(r["formats"]) == set(quant.FORMATS)
     assert r["layers_quantized"] == 14 and r["nf4_blocksize"] == [64] and r["outlier_threshold"] == 6.0
     base = load_unquantized(builtin_model_dir, "auto", "cpu")
     for row in r["layers"]:
@@ -92,12 +97,3 @@ def test_quant_report_on_the_tiny_base(report, builtin_model_dir):
     assert r["eval_batches"] >= 1 and r["eval_tokens"] > 0
     table = "\n".join(quant_table({"tiny": r}))
     assert f"| tiny | nf4 + double quant (QLoRA) | {f['nf4_double_quant']['bits_per_param']:.3f} |" in table
-
-
-def test_quant_cli_writes_the_report(builtin_model_dir, tiny_data_dir, tmp_path):
-    out = tmp_path / "quant" / "tiny.json"
-    argv = ["--params", str(params_with(tmp_path)), "--model", "tiny", "--model-dir", str(builtin_model_dir),
-            "--data", str(tiny_data_dir), "--out", str(out)]
-    assert cli.run(quant.main, argv) == 0
-    written = json.loads(out.read_text())
-    assert written["model"] == "tiny" and set(written["formats"]) == set(quant.FORMATS)
