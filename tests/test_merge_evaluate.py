@@ -172,9 +172,10 @@ def test_generation_stops_at_any_stop_word_and_cuts_there(builtin_model_dir):
 
 
 def test_evaluate_holds_one_model_at_a_time(builtin_tokenizer_dir, tmp_path):
-    """On a model big enough to tell (~58 M params, 0.12 GB in bf16), evaluate's peak memory above what the
-    process held before loading is about one model's weights, not the two that base + adapter and merged
-    model together would take."""
+    """On a model big enough to tell (~104 M params, 0.21 GB in bf16: the step's fixed overheads, ~60 MB of
+    activations and buffers, stay a small share), evaluate's peak memory above what the process held before
+    loading is about one model's weights, not the two that base + adapter and merged model together would
+    take."""
     import subprocess
     import sys
 
@@ -185,7 +186,7 @@ def test_evaluate_holds_one_model_at_a_time(builtin_tokenizer_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
     model_dir, adapter_dir, merged_dir = tmp_path / "big", tmp_path / "adapter", tmp_path / "merged"
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                          num_attention_heads=8, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -208,7 +209,7 @@ def test_evaluate_holds_one_model_at_a_time(builtin_tokenizer_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     t = json.loads(timing.read_text())
-    assert t["merged_weights_bytes"] > 100e6 and t["peak_memory_kind"] == "cpu_peak_rss"
+    assert t["merged_weights_bytes"] > 200e6 and t["peak_memory_kind"] == "cpu_peak_rss"
     assert t["models_peak_over_one_model"] == pytest.approx(
         (t["peak_memory_bytes"] - t["memory_before_models_bytes"]) / t["merged_weights_bytes"], abs=1e-3)
     assert 0.8 < t["models_peak_over_one_model"] < 1.5, t  # two models at once would be >= 2
