@@ -8,17 +8,17 @@ export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" DVC_NO_
 # One id for this invocation: every job records it, so the report can tell what ran now from what was reused.
 LOWPREC_RUN_ID="$(.venv/bin/python -c 'from workflow.provenance import new_run_id; print(new_run_id())')"
 export LOWPREC_RUN_ID
-# A copy that Snakemake has never run in (a clone, an unpacked archive) runs every job: whether anything would
-# run must not depend on the files' timestamps, and results/ holds only the committed example results.
-fresh=()
-if [ -z "$(ls -A .snakemake/metadata 2>/dev/null)" ]; then
-  fresh=(--forceall)
-  echo "A fresh copy (no earlier Snakemake run here): running every job on this machine." >&2
+dvc_checkout() { [ -d .dvc ] && git rev-parse --git-dir >/dev/null 2>&1; }
+# Outputs DVC restored (`dvc checkout`, `dvc pull`, `dvc exp apply`) and finds up to date are finished work for
+# Snakemake too, whatever their timestamps say (workflow/handoff.py). A fresh clone holds no outputs (they
+# live in DVC's cache, not in git), so there every job runs on this machine.
+if dvc_checkout && [ -f dvc.lock ]; then
+  .venv/bin/python -m workflow.handoff --resources gpu="${GPUS:-2}"
 fi
-.venv/bin/snakemake --cores all --resources gpu="${GPUS:-2}" "${fresh[@]}" "$@"
+.venv/bin/snakemake --cores all --resources gpu="${GPUS:-2}" "$@"
 case " $* " in *" -n "*|*" --dry-run "*|*" --dryrun "*) exit 0 ;; esac
-# DVC records what Snakemake made (dvc.lock), so a following `dvc repro` has nothing to redo.
-if [ -d .dvc ] && git rev-parse --git-dir >/dev/null 2>&1; then
+# DVC records what Snakemake made (dvc.lock, its cache), so a following `dvc repro` has nothing to redo.
+if dvc_checkout; then
   .venv/bin/dvc commit -f -q
 fi
 report=results/report/summary.md

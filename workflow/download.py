@@ -194,6 +194,16 @@ def check_recorded_hashes(model_key: str, info: dict) -> None:
         )
 
 
+def project_relative(path: Path) -> str:
+    """`path` as source.json records it: relative to the project's root when inside it, so that the record,
+    and with it the model dir's hash in dvc.lock, is the same in every clone; else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def download_model(params: Params, model_key: str, out: str | Path) -> dict:
     """Materialise `models.<model_key>` in `out`; return what source.json holds."""
     entry = params.models[model_key]
@@ -222,7 +232,7 @@ def download_model(params: Params, model_key: str, out: str | Path) -> dict:
             "model": model_key,
             "source": source,
             "revision": entry.revision,
-            "resolved_path": str(resolved),
+            "resolved_path": project_relative(resolved),
             "trust_remote_code": entry.trust_remote_code,
             "allow_pickle": entry.allow_pickle,
             "sha256": file_hashes(tmp),

@@ -258,6 +258,14 @@ class Report(_Strict):
     reference: Precision = "bf16"  # ratio columns divide by this precision's row (else the group's first)
 
 
+class DvcCache(_Strict):
+    """Which large outputs DVC also stores in its cache (adapters, tokenized data, metrics, curves, predictions
+    and the report always are). Written into dvc.yaml: after a change, `python -m workflow.stages --write`."""
+
+    cache_models: bool = False  # downloaded bases: a model's full size again, re-fetchable at their pinned revision
+    cache_merged: bool = False  # merged models: a full model per variant, remade from base + adapter by merge
+
+
 class Params(_Strict):
     matrix: Matrix
     matrix_zero: ZeroMatrix
@@ -275,6 +283,7 @@ class Params(_Strict):
     evaluate: Evaluate
     generate: Generate
     report: Report = Report()
+    dvc: DvcCache = DvcCache()
 
     @model_validator(mode="after")
     def _cross_refs(self) -> "Params":

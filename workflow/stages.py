@@ -234,13 +234,23 @@ DVC_YAML = Path("dvc.yaml")
 _HEADER = """\
 # GENERATED from the stage table in workflow/stages.py: edit that, then run `python -m workflow.stages --write`
 # (tests/test_workflow.py fails while this file is out of date). The matrix is read from params.yaml at
-# `dvc repro` time, so editing the matrix there needs no regeneration; a file or dir data.source is written in
-# as the preprocess stage's dependency (both orchestrators refuse to run while this file is stale).
+# `dvc repro` time, so editing the matrix there needs no regeneration; a file or dir data.source and the `dvc`
+# cache switches are written in (both orchestrators refuse to run while this file is stale).
 # The same DAG as the Snakefile: each stage runs the same `python -m workflow.<step>` command as its rule.
-# Outputs are not cached (cache: false): models and adapters are rebuilt from params, and DVC never rewrites
-# their timestamps, so Snakemake sees the same finished work after `dvc repro` (see README).
+# Outputs are cached, so `dvc checkout`, `dvc exp apply` and `dvc pull` bring an experiment's adapters and
+# metrics back; downloaded bases and merged models only where params.yaml's `dvc` section asks (cache: false
+# below). After DVC restores files, `python -m workflow.handoff` (scripts/run.sh runs it) tells Snakemake.
 """
 _ITEM = {k: "${item." + k + "}" for k in ("model", "precision", "strategy")}
+# Outputs DVC caches only when params.yaml's `dvc` section says so (a full model each); every other output is
+# always cached.
+CACHE_SWITCHES = {"results/models/{model}": "cache_models", f"results/merged/{VARIANT}": "cache_merged"}
+
+
+def cached(path: str, raw: dict) -> bool:
+    """Whether DVC stores output `path` (a stage table path) in its cache, for params `raw`."""
+    switch = CACHE_SWITCHES.get(path)
+    return switch is None or bool((raw.get("dvc") or {}).get(switch, False))
 _TOP_PLOTS = """\
 # `dvc plots show`: the training loss curve of every variant (one chart per variant CSV; the report's
 # loss_curves.png has them all on one chart), and the report's images.
@@ -282,11 +292,12 @@ def _stage_yaml(stage: Stage, name: str, raw: dict) -> list[str]:
         if paths:
             out.append(f"    {section}:")
             for path in paths:
-                out += [f"      - {item(path)}:", "          cache: false"]
+                out += [f"      - {item(path)}"] if cached(path, raw) else \
+                    [f"      - {item(path)}:", f"          cache: false  # dvc.{CACHE_SWITCHES[path]}"]
     if stage.plots:
         out.append("    plots:  # written live by dvclive while training (workflow/trainer.py LiveCallback)")
         for path, x, y in stage.plots:
-            out += [f"      - {item(path)}:", "          cache: false", f"          x: {x}", f"          y: {y}"]
+            out += [f"      - {item(path)}:", f"          x: {x}", f"          y: {y}"]
     return out
 
 
@@ -321,7 +332,8 @@ def dvc_yaml(raw: dict | None = None) -> str:
     return "\n".join(lines) + "\n" + _TOP_PLOTS + "\n".join(plots) + "\n"
 
 
-STALE = "dvc.yaml is out of date with workflow/stages.py or params.yaml's data.source; run `python -m workflow.stages --write`"
+STALE = ("dvc.yaml is out of date with workflow/stages.py or params.yaml's data.source or dvc section; "
+         "run `python -m workflow.stages --write`")
 
 
 def dvc_yaml_is_current(raw: dict | None = None) -> bool:
