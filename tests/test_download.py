@@ -86,6 +86,8 @@ def test_local_dir_links_and_hashes(builtin_model_dir, params_file, tmp_path):
         assert (out / name).is_symlink() and (out / name).resolve() == (builtin_model_dir / name).resolve()
         assert info["sha256"][name] == sha256_file(builtin_model_dir / name)
     assert info["resolved_path"] == str(builtin_model_dir.absolute())  # outside the project: absolute
+    assert AutoConfig.from_pretrained(out).vocab_size % 64 == 0
+    assert AutoTokenizer.from_pretrained(out).eos_token == "</s>"
 
 
 def test_source_json_records_a_path_inside_the_project_relative_to_it(monkeypatch, tmp_path):
@@ -97,8 +99,6 @@ def test_source_json_records_a_path_inside_the_project_relative_to_it(monkeypatc
     assert project_relative(Path("results/models/tiny")) == "results/models/tiny"
     assert project_relative(tmp_path / "results/models/tiny") == "results/models/tiny"
     assert project_relative(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
-    assert AutoConfig.from_pretrained(out).vocab_size % 64 == 0
-    assert AutoTokenizer.from_pretrained(out).eos_token == "</s>"
 
 
 @pytest.mark.parametrize("layout,expect", [
