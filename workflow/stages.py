@@ -249,8 +249,14 @@ CACHE_SWITCHES = {"results/models/{model}": "cache_models", f"results/merged/{VA
 
 def cached(path: str, raw: dict) -> bool:
     """Whether DVC stores output `path` (a stage table path) in its cache, for params `raw`."""
+    from workflow.params import DvcCache  # the switches' defaults: params.yaml may leave the section out
+
     switch = CACHE_SWITCHES.get(path)
-    return switch is None or bool((raw.get("dvc") or {}).get(switch, False))
+    if switch is None:
+        return True
+    return bool((raw.get("dvc") or {}).get(switch, DvcCache.model_fields[switch].default))
+
+
 _TOP_PLOTS = """\
 # `dvc plots show`: the training loss curve of every variant (one chart per variant CSV; the report's
 # loss_curves.png has them all on one chart), and the report's images.
